@@ -1,0 +1,41 @@
+"""Connections to Cloud SQL through the Cloud SQL Python Connector.
+
+The connector starts a background thread and fetches credentials when it is
+constructed, so it is built here, once per instance, only when
+``INSTANCE_CONNECTION_NAME`` is set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from google.cloud.sql.connector import Connector, IPTypes
+
+from db.config import CloudSqlSettings
+
+
+def connector_creator(
+    settings: CloudSqlSettings, connect_args: dict[str, Any]
+) -> tuple[Callable[[], Any], Connector]:
+    """A pg8000 connection factory for ``create_engine(creator=...)`` and the connector behind it."""
+    ip_type = IPTypes[settings.ip_type]
+    # "lazy": refresh certificates on demand, since the CPU is throttled between requests.
+    connector = Connector(
+        ip_type=ip_type, enable_iam_auth=settings.iam_auth, refresh_strategy="lazy"
+    )
+    credentials: dict[str, Any] = {"user": settings.user, "db": settings.database}
+    if not settings.iam_auth:
+        credentials["password"] = settings.password
+
+    def connect() -> Any:
+        return connector.connect(
+            settings.instance_connection_name,
+            "pg8000",
+            ip_type=ip_type,
+            enable_iam_auth=settings.iam_auth,
+            **credentials,
+            **connect_args,
+        )
+
+    return connect, connector

@@ -1,0 +1,194 @@
+"""Settings read from the environment once, lazily, and validated.
+
+Every problem is reported as one ``ConfigError`` line that names the variable.
+Values that may hold a password (``DATABASE_URL``, ``DB_PASS``) are never echoed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+IpType = Literal["PUBLIC", "PRIVATE", "PSC"]
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+SQLITE_FILE = "app.db"
+
+_INSTANCE_CONNECTION_NAME = re.compile(r"^(?:[a-z0-9.-]+:)?[a-z0-9-]+:[a-z0-9-]+:[a-z0-9-]+$")
+
+
+class ConfigError(ValueError):
+    """Raised when an environment variable is missing, malformed or contradicts another."""
+
+
+@dataclass(frozen=True)
+class CloudSqlSettings:
+    """How to reach Cloud SQL through the Python Connector."""
+
+    instance_connection_name: str
+    user: str
+    database: str
+    password: str | None
+    iam_auth: bool
+    ip_type: IpType
+
+    def __repr__(self) -> str:
+        return (
+            f"CloudSqlSettings(instance_connection_name={self.instance_connection_name!r}, "
+            f"user={self.user!r}, database={self.database!r}, iam_auth={self.iam_auth}, "
+            f"ip_type={self.ip_type!r})"
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the instance needs to reach its database, validated."""
+
+    url: URL
+    cloud_sql: CloudSqlSettings | None
+    pool_size: int
+    max_overflow: int
+    pool_timeout: float
+    pool_recycle: int
+    statement_timeout: float
+    idle_in_transaction_timeout: float
+    log_level: str
+
+    @property
+    def is_embedded(self) -> bool:
+        """True when the service runs on its own SQLite file."""
+        return self.url.get_backend_name() == "sqlite"
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate the configuration; raise ``ConfigError`` naming the first bad variable."""
+    raw_environ = os.environ if environ is None else environ
+    env = _Env(raw_environ)
+    database_url = env.get("DATABASE_URL")
+    instance = env.get("INSTANCE_CONNECTION_NAME")
+    if database_url and instance:
+        raise ConfigError("set DATABASE_URL or INSTANCE_CONNECTION_NAME, not both")
+
+    cloud_sql = _cloud_sql_settings(env, instance) if instance else None
+    if cloud_sql is not None:
+        url = URL.create("postgresql+pg8000", database=cloud_sql.database)
+    elif database_url:
+        url = _database_url(database_url)
+    else:
+        url = URL.create("sqlite", database=SQLITE_FILE)
+
+    return Settings(
+        url=url,
+        cloud_sql=cloud_sql,
+        pool_size=env.integer("DB_POOL_SIZE", default=request_threads(raw_environ), minimum=1),
+        max_overflow=env.integer("DB_MAX_OVERFLOW", default=0, minimum=0),
+        pool_timeout=env.seconds("DB_POOL_TIMEOUT", default=5.0),
+        pool_recycle=env.integer("DB_POOL_RECYCLE", default=1800, minimum=1),
+        statement_timeout=env.seconds("DB_STATEMENT_TIMEOUT", default=30.0),
+        idle_in_transaction_timeout=env.seconds("DB_IDLE_IN_TRANSACTION_TIMEOUT", default=60.0),
+        log_level=log_level(raw_environ),
+    )
+
+
+def request_threads(environ: Mapping[str, str] | None = None) -> int:
+    """The request threads per instance, computed as functions-framework computes them."""
+    env = _Env(os.environ if environ is None else environ)
+    return env.integer("THREADS", default=(os.cpu_count() or 1) * 4, minimum=1)
+
+
+def log_level(environ: Mapping[str, str] | None = None) -> str:
+    """The validated ``LOG_LEVEL`` (default ``INFO``)."""
+    env = _Env(os.environ if environ is None else environ)
+    level = (env.get("LOG_LEVEL") or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    return level
+
+
+def _database_url(raw: str) -> URL:
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise ConfigError("DATABASE_URL is not a valid SQLAlchemy URL") from None
+    # Heroku-style and driverless PostgreSQL URLs mean the driver this service ships.
+    if url.drivername in ("postgres", "postgresql"):
+        url = url.set(drivername="postgresql+pg8000")
+    if url.get_backend_name() not in ("postgresql", "sqlite"):
+        raise ConfigError("DATABASE_URL must name a PostgreSQL or SQLite database")
+    if url.get_backend_name() == "postgresql" and url.get_driver_name() != "pg8000":
+        raise ConfigError("DATABASE_URL must use the pg8000 driver (postgresql+pg8000://...)")
+    return url
+
+
+def _cloud_sql_settings(env: _Env, instance: str) -> CloudSqlSettings:
+    if not _INSTANCE_CONNECTION_NAME.match(instance):
+        raise ConfigError(
+            f"INSTANCE_CONNECTION_NAME must look like project:region:instance, got {instance!r}"
+        )
+    iam_auth = env.boolean("DB_IAM_AUTH", default=False)
+    password = env.get("DB_PASS")
+    if iam_auth and password:
+        raise ConfigError("DB_PASS must not be set when DB_IAM_AUTH=true")
+    if not iam_auth and not password:
+        raise ConfigError("DB_PASS is required unless DB_IAM_AUTH=true")
+    ip_type = (env.get("DB_IP_TYPE") or "PUBLIC").upper()
+    if ip_type not in ("PUBLIC", "PRIVATE", "PSC"):
+        raise ConfigError(f"DB_IP_TYPE must be PUBLIC, PRIVATE or PSC, got {ip_type!r}")
+    return CloudSqlSettings(
+        instance_connection_name=instance,
+        user=env.required("DB_USER"),
+        database=env.required("DB_NAME"),
+        password=password,
+        iam_auth=iam_auth,
+        ip_type=ip_type,  # type: ignore[arg-type]  # narrowed by the membership test above
+    )
+
+
+class _Env:
+    """Typed, named access to environment variables; blank counts as unset."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def get(self, name: str) -> str | None:
+        value = self._environ.get(name, "").strip()
+        return value or None
+
+    def required(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise ConfigError(f"{name} is required with INSTANCE_CONNECTION_NAME")
+        return value
+
+    def integer(self, name: str, *, default: int, minimum: int) -> int:
+        raw = self.get(name)
+        if raw is None:
+            return default
+        if not raw.isascii() or not raw.isdigit() or int(raw) < minimum:
+            raise ConfigError(f"{name} must be a whole number of at least {minimum}, got {raw!r}")
+        return int(raw)
+
+    def seconds(self, name: str, *, default: float) -> float:
+        raw = self.get(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not 0 < value < 86_400:
+            raise ConfigError(f"{name} must be a number of seconds above 0, got {raw!r}")
+        return value
+
+    def boolean(self, name: str, *, default: bool) -> bool:
+        raw = self.get(name)
+        if raw is None:
+            return default
+        if raw.lower() not in ("true", "false"):
+            raise ConfigError(f"{name} must be true or false, got {raw!r}")
+        return raw.lower() == "true"

@@ -1,0 +1,136 @@
+"""One engine per instance, built on first use, safe under concurrent first requests."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.config import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+class Database:
+    """An instance's engine, session factory and Cloud SQL connector.
+
+    Nothing is built or connected until first use; ``dispose()`` returns the
+    instance to that state. Each deployed function process holds one.
+    """
+
+    def __init__(self, load: Callable[[], Settings] = load_settings) -> None:
+        self._load = load
+        self._lock = threading.Lock()
+        self._engine: Engine | None = None
+        self._sessionmaker: sessionmaker[Session] | None = None
+        self._connector: Any = None
+
+    @property
+    def engine(self) -> Engine:
+        """The engine, built on first access."""
+        return self._built()[0]
+
+    @property
+    def sessionmaker(self) -> sessionmaker[Session]:
+        """The session factory, bound to the engine and living as long as it."""
+        return self._built()[1]
+
+    @property
+    def is_built(self) -> bool:
+        """Whether the engine exists (for diagnostics and tests)."""
+        return self._engine is not None
+
+    def dispose(self) -> None:
+        """Close every pooled connection and the connector; the next use builds anew."""
+        with self._lock:
+            engine, connector = self._engine, self._connector
+            self._engine = self._sessionmaker = self._connector = None
+        if engine is not None:
+            engine.dispose()
+        if connector is not None:
+            connector.close()
+
+    def _built(self) -> tuple[Engine, sessionmaker[Session]]:
+        engine, factory = self._engine, self._sessionmaker
+        if engine is None or factory is None:
+            with self._lock:
+                if self._engine is None or self._sessionmaker is None:
+                    self._build()
+                engine, factory = self._engine, self._sessionmaker
+        assert engine is not None and factory is not None
+        return engine, factory
+
+    def _build(self) -> None:
+        settings = self._load()
+        if settings.is_embedded:
+            engine = _sqlite_engine(settings)
+            from db.migrate import upgrade  # Alembic is imported only where it runs.
+
+            upgrade(engine)
+        else:
+            engine, self._connector = _postgresql_engine(settings)
+        log.info("engine built", extra={"database": engine.url.render_as_string()})
+        self._sessionmaker = sessionmaker(bind=engine)
+        self._engine = engine
+
+
+def _pool_arguments(settings: Settings) -> dict[str, Any]:
+    return {
+        "pool_size": settings.pool_size,
+        "max_overflow": settings.max_overflow,
+        "pool_timeout": settings.pool_timeout,
+        "pool_recycle": settings.pool_recycle,
+        "pool_pre_ping": True,
+        # Bound parameters hold user data: keep them out of exception messages and logs.
+        "hide_parameters": True,
+    }
+
+
+def _postgresql_engine(settings: Settings) -> tuple[Engine, Any]:
+    connect_args: dict[str, Any] = {
+        # Sent in the startup packet: no extra round trip per connection. A frozen or
+        # killed instance cannot hold locks longer than these.
+        "startup_params": {
+            "statement_timeout": str(int(settings.statement_timeout * 1000)),
+            "idle_in_transaction_session_timeout": str(
+                int(settings.idle_in_transaction_timeout * 1000)
+            ),
+        },
+        # A socket read never outlives the statement it waits for by much.
+        "timeout": settings.statement_timeout + 10,
+    }
+    if settings.cloud_sql is None:
+        return create_engine(
+            settings.url, connect_args=connect_args, **_pool_arguments(settings)
+        ), None
+
+    from db.cloudsql import connector_creator  # Google's client is imported only here.
+
+    creator, connector = connector_creator(settings.cloud_sql, connect_args)
+    return create_engine(settings.url, creator=creator, **_pool_arguments(settings)), connector
+
+
+def _sqlite_engine(settings: Settings) -> Engine:
+    engine = create_engine(settings.url, **_pool_arguments(settings))
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control from the driver, which would otherwise begin
+        # lazily and read outside any transaction.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute(f"PRAGMA busy_timeout = {int(settings.pool_timeout * 1000)}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        # One writer at a time, decided up front: no lock upgrades that fail midway.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine

@@ -1,0 +1,93 @@
+"""Database failures sorted by what they mean, by SQLSTATE rather than by exception class.
+
+pg8000 raises ``ProgrammingError`` for a unique violation, an integer overflow and a
+deadlock alike; only the SQLSTATE tells them apart. SQLite's error names are
+translated to the matching SQLSTATE so both backends sort the same way.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from sqlalchemy import exc as sa_exc
+
+
+class CommitOutcomeUnknown(Exception):
+    """Raised when the connection was lost while COMMIT was under way.
+
+    The transaction may or may not have been committed, so it is never retried blindly.
+    """
+
+
+class Failure(enum.Enum):
+    """What a database error means for the request that met it."""
+
+    UNIQUE_VIOLATION = "unique_violation"
+    FOREIGN_KEY_VIOLATION = "foreign_key_violation"
+    INVALID_DATA = "invalid_data"
+    TRANSIENT = "transient"  # safe to retry the whole transaction
+    UNAVAILABLE = "unavailable"  # the database cannot serve this request now
+    OTHER = "other"
+
+
+_SQLITE_SQLSTATES = {
+    "SQLITE_CONSTRAINT_UNIQUE": "23505",
+    "SQLITE_CONSTRAINT_PRIMARYKEY": "23505",
+    "SQLITE_CONSTRAINT_FOREIGNKEY": "23503",
+    "SQLITE_CONSTRAINT_NOTNULL": "23502",
+    "SQLITE_CONSTRAINT_CHECK": "23514",
+    "SQLITE_TOOBIG": "22001",
+    "SQLITE_BUSY": "55P03",
+    "SQLITE_LOCKED": "55P03",
+}
+
+_UNAVAILABLE_SQLSTATES = {
+    "57014",  # query_canceled: statement_timeout
+    "57P01",  # admin_shutdown
+    "57P02",  # crash_shutdown
+    "57P03",  # cannot_connect_now
+    "55P03",  # lock_not_available
+    "25P03",  # idle_in_transaction_session_timeout
+}
+
+
+def sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE of a driver error, wrapped by SQLAlchemy or not."""
+    orig = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], dict):  # pg8000: the server's error fields
+        code = args[0].get("C")
+        return code if isinstance(code, str) else None
+    name = getattr(orig, "sqlite_errorname", None)
+    if isinstance(name, str):
+        return _SQLITE_SQLSTATES.get(name)
+    return None
+
+
+def classify(error: BaseException) -> Failure:
+    """Sort an exception raised while talking to the database."""
+    if isinstance(error, CommitOutcomeUnknown | sa_exc.TimeoutError | sa_exc.DisconnectionError):
+        return Failure.UNAVAILABLE
+    if not isinstance(error, sa_exc.DBAPIError):
+        return Failure.OTHER
+    code = sqlstate(error)
+    if code in ("40001", "40P01"):
+        return Failure.TRANSIENT
+    if code == "23505":
+        return Failure.UNIQUE_VIOLATION
+    if code == "23503":
+        return Failure.FOREIGN_KEY_VIOLATION
+    if code is not None and (code.startswith("22") or code in ("23502", "23514")):
+        return Failure.INVALID_DATA
+    if error.connection_invalidated or code in _UNAVAILABLE_SQLSTATES:
+        return Failure.UNAVAILABLE
+    if code is not None and code[:2] in ("08", "53"):  # connection exception, resources
+        return Failure.UNAVAILABLE
+    if code is None and isinstance(error, sa_exc.InterfaceError | sa_exc.OperationalError):
+        return Failure.UNAVAILABLE  # the driver could not reach the server at all
+    return Failure.OTHER
+
+
+def lost_connection(error: BaseException) -> bool:
+    """True when the connection dropped: the server never saw the rest of the transaction."""
+    return isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated

@@ -1,0 +1,89 @@
+"""The per-request scope: one fresh Session, one transaction, always closed.
+
+Every HTTP function runs its work through ``transaction()``. The work receives
+the session, may flush, and never commits: the commit policy lives here alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from db.engine import Database
+from db.errors import CommitOutcomeUnknown, Failure, classify, lost_connection
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_ATTEMPTS = 4
+_BACKOFF_BASE = 0.025  # seconds; doubled per attempt, fully jittered
+_BACKOFF_CAP = 0.5
+
+
+def transaction(
+    database: Database, work: Callable[[Session], T], *, max_attempts: int = MAX_ATTEMPTS
+) -> T:
+    """Run ``work`` in a new session and transaction, and return what it returns.
+
+    The commit policy: commit exactly once, after ``work`` returns; roll back when
+    it raises anything at all (``BaseException`` included: a worker may inject a
+    timeout into the thread). The session is closed on every path.
+
+    A serialization failure, a deadlock, or a connection lost before COMMIT was
+    sent means the server kept nothing, so the whole of ``work`` runs again in a
+    new session, up to ``max_attempts`` times with jittered backoff. A connection
+    lost during COMMIT raises ``CommitOutcomeUnknown`` and is not retried.
+    """
+    attempt = 1
+    while True:
+        try:
+            return _attempt(database, work)
+        except DBAPIError as error:
+            if attempt >= max_attempts or not _retryable(error):
+                raise
+            log.warning("transaction attempt %d failed (%s), retrying", attempt, classify(error).value)
+        time.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)))
+        attempt += 1
+
+
+def _retryable(error: DBAPIError) -> bool:
+    return classify(error) is Failure.TRANSIENT or lost_connection(error)
+
+
+def _attempt(database: Database, work: Callable[[Session], T]) -> T:
+    session = database.sessionmaker()
+    try:
+        result = work(session)
+        session.flush()  # failures here are before COMMIT, like any other statement
+        _commit(session)
+        return result
+    except BaseException:
+        _roll_back(session)
+        raise
+    finally:
+        session.close()
+
+
+def _commit(session: Session) -> None:
+    try:
+        session.commit()
+    except DBAPIError as error:
+        if lost_connection(error):
+            raise CommitOutcomeUnknown("connection lost during COMMIT") from error
+        raise
+
+
+def _roll_back(session: Session) -> None:
+    try:
+        session.rollback()
+    except BaseException:
+        # The connection's state is unknown: discard it rather than return it to the pool.
+        log.warning("rollback failed; discarding the connection", exc_info=True)
+        session.invalidate()

@@ -1,0 +1,48 @@
+"""HTTP entry points. Each is deployable as its own function; ``api`` serves them all.
+
+This module only wires requests to ``web.http.serve``. The instance's database
+(engine, pool, connector) is built on the first request that needs it, never here.
+"""
+
+from __future__ import annotations
+
+import atexit
+
+import flask
+import functions_framework
+from werkzeug.exceptions import HTTPException
+
+from db.engine import Database
+from web import errors, http, routes
+from web.logs import configure_logging
+
+configure_logging()
+database = Database()
+atexit.register(database.dispose)
+
+
+@functions_framework.http
+def users(request: flask.Request) -> flask.Response:
+    """The users resource: ``/`` and ``/{id}``, also under ``/users``."""
+    return http.serve(request, database, routes.USERS)
+
+
+@functions_framework.http
+def health(request: flask.Request) -> flask.Response:
+    """``GET /`` (also ``/healthz``): 200 after a round trip to the database, else 503."""
+    return http.serve(request, database, routes.HEALTH)
+
+
+@functions_framework.http
+def api(request: flask.Request) -> flask.Response:
+    """Every resource, by first path segment."""
+    return http.serve(request, database, routes.API)
+
+
+@functions_framework.errorhandler(HTTPException)
+def framework_error(error: HTTPException) -> flask.Response:
+    """Paths the framework answers itself (``/favicon.ico``, ``/robots.txt``) get the JSON error body."""
+    status = error.code or 500
+    code = "not_found" if status == 404 else "bad_request" if status < 500 else "internal"
+    reply = errors.Reply(status, {"error": {"code": code, "message": error.description or code}})
+    return http.encode(reply, http.new_request_id())

@@ -1,0 +1,78 @@
+"""Users: create, read, list, change and remove."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db.errors import Failure, classify
+from db.models import User, utcnow
+from service.errors import Conflict, NotFound
+
+
+def create_user(session: Session, *, name: str, email: str, balance: int = 0) -> User:
+    """Add a user; raise ``Conflict`` when the email is taken."""
+    now = utcnow()
+    user = User(name=name, email=email, balance=balance, created_at=now, updated_at=now)
+    session.add(user)
+    with _email_must_be_free():
+        session.flush()
+    return user
+
+
+def get_user(session: Session, user_id: int) -> User:
+    """The user with this id; raise ``NotFound`` when there is none."""
+    user = session.get(User, user_id)
+    if user is None:
+        raise NotFound(f"user {user_id} not found")
+    return user
+
+
+def list_users(
+    session: Session, *, limit: int, after: int, email: str | None = None
+) -> Sequence[User]:
+    """Up to ``limit`` users with ids above ``after``, ascending, optionally by email."""
+    query = select(User).where(User.id > after).order_by(User.id).limit(limit)
+    if email is not None:
+        query = query.where(User.email == email.lower())
+    return session.scalars(query).all()
+
+
+def update_user(
+    session: Session, user_id: int, *, name: str | None = None, email: str | None = None
+) -> User:
+    """Change a user's name or email; raise ``NotFound`` or ``Conflict``."""
+    user = get_user(session, user_id)
+    if name is not None:
+        user.name = name
+    if email is not None:
+        user.email = email
+    with _email_must_be_free():
+        session.flush()
+    return user
+
+
+def delete_user(session: Session, user_id: int) -> None:
+    """Remove a user and their items; raise ``NotFound``, or ``Conflict`` when they have transfers."""
+    try:
+        result = session.execute(delete(User).where(User.id == user_id))
+    except IntegrityError as error:
+        if classify(error) is Failure.FOREIGN_KEY_VIOLATION:
+            raise Conflict(f"user {user_id} has transfers and cannot be removed") from error
+        raise
+    if result.rowcount == 0:  # type: ignore[attr-defined]
+        raise NotFound(f"user {user_id} not found")
+
+
+@contextmanager
+def _email_must_be_free() -> Iterator[None]:
+    try:
+        yield
+    except IntegrityError as error:
+        if classify(error) is Failure.UNIQUE_VIOLATION:
+            raise Conflict("a user with this email already exists") from error
+        raise

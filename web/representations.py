@@ -1,0 +1,36 @@
+"""JSON representations of the models, exactly the fields of the contract."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from db.models import User
+
+M = TypeVar("M")
+
+
+def timestamp(moment: datetime) -> str:
+    """RFC 3339 in UTC with microseconds, e.g. ``2026-11-22T14:27:33.123456Z``."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def user(row: User) -> dict[str, Any]:
+    """A user as the contract shows it."""
+    return {
+        "id": row.id,
+        "name": row.name,
+        "email": row.email,
+        "balance": row.balance,
+        "created_at": timestamp(row.created_at),
+        "updated_at": timestamp(row.updated_at),
+    }
+
+
+def page(
+    key: str, rows: Sequence[M], limit: int, represent: Callable[[M], dict[str, Any]]
+) -> dict[str, Any]:
+    """A page of a listing; ``next_after`` is the last id when the page is full."""
+    items = [represent(row) for row in rows]
+    return {key: items, "next_after": items[-1]["id"] if len(items) == limit else None}
