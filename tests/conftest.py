@@ -1,0 +1,125 @@
+"""Fixtures: the PostgreSQL server, a clean environment, and instances built from real entry points."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from flask.testing import FlaskClient
+from functions_framework import create_app
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
+
+from db.engine import Database
+from db.migrate import upgrade
+from tests.postgres import PostgresServer
+
+ROOT = Path(__file__).resolve().parent.parent
+MAIN = ROOT / "main.py"
+PROBE = Path(__file__).resolve().parent / "scenarios" / "probe.py"
+
+CONFIG_VARIABLES = (
+    "DATABASE_URL", "INSTANCE_CONNECTION_NAME", "DB_USER", "DB_PASS", "DB_NAME", "DB_IAM_AUTH",
+    "DB_IP_TYPE", "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_POOL_RECYCLE",
+    "DB_STATEMENT_TIMEOUT", "DB_IDLE_IN_TRANSACTION_TIMEOUT", "LOG_LEVEL", "THREADS",
+)  # fmt: skip
+
+# A table whose constraint trigger fails at COMMIT: the only honest way to make a commit fail.
+COMMIT_PROBE_DDL = """
+CREATE TABLE commit_probe (id int PRIMARY KEY);
+CREATE FUNCTION commit_probe_refuse() RETURNS trigger LANGUAGE plpgsql AS
+  $$ BEGIN RAISE EXCEPTION 'refused at commit'; END $$;
+CREATE CONSTRAINT TRIGGER commit_probe_refuse AFTER INSERT ON commit_probe
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION commit_probe_refuse();
+"""
+
+
+@dataclass
+class Instance:
+    """One function instance: its test client, its per-instance Database and its module."""
+
+    client: FlaskClient
+    database: Database
+    module: ModuleType
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts with none of the service's configuration set."""
+    for variable in CONFIG_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the whole run."""
+    server = PostgresServer()
+    server.init()
+    server.start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres: PostgresServer) -> URL:
+    """The URL of a migrated database, ``app``, on the test server."""
+    admin = create_engine(postgres.url(), poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql("CREATE DATABASE app")
+    admin.dispose()
+    url = postgres.url("app")
+    engine = create_engine(url, poolclass=NullPool)
+    upgrade(engine)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(COMMIT_PROBE_DDL)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(scope="session")
+def outside(database_url: URL) -> Iterator[Engine]:
+    """An engine for the tests' own SQL, outside any instance of the service."""
+    engine = create_engine(database_url, poolclass=NullPool)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def pg(database_url: URL, outside: Engine, monkeypatch: pytest.MonkeyPatch) -> Engine:
+    """Configure instances for the test PostgreSQL, with every table emptied first."""
+    with outside.begin() as connection:
+        tables = connection.scalars(
+            text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+                 " AND tablename <> 'alembic_version'")
+        ).all()  # fmt: skip
+        connection.exec_driver_sql(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+    monkeypatch.setenv("DATABASE_URL", database_url.render_as_string(hide_password=False))
+    return outside
+
+
+@pytest.fixture
+def instances() -> Iterator[Callable[..., Instance]]:
+    """Start instances from an entry point's source; each is disposed afterwards."""
+    started: list[Instance] = []
+
+    def start(target: str = "api", source: Path = MAIN) -> Instance:
+        app = create_app(target, str(source))
+        module = sys.modules[source.stem]
+        instance = Instance(app.test_client(), module.database, module)
+        started.append(instance)
+        return instance
+
+    yield start
+    for instance in started:
+        instance.database.dispose()
+
+
+@pytest.fixture
+def client(pg: Engine, instances: Callable[..., Instance]) -> FlaskClient:
+    """A client of the ``api`` entry point on the test PostgreSQL."""
+    return instances().client

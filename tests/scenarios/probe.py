@@ -1,0 +1,106 @@
+"""A scenario app: the real HTTP layer and session scope, with handlers that misbehave on purpose.
+
+It serves the real users resource too, so one warm instance can fail and then serve.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flask
+import functions_framework
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from db.engine import Database
+from db.models import User, utcnow
+from web import http, users
+from web.errors import Reply
+from web.http import Call, Endpoint, Resource, Router
+
+database = Database()
+sessions: list[Session] = []  # every session a handler was given, to inspect afterwards
+held: list[Any] = []  # loaded rows kept alive across requests, as a careless cache would
+
+
+def _new_user(email: str) -> User:
+    now = utcnow()
+    return User(name="probe", email=email, balance=0, created_at=now, updated_at=now)
+
+
+def fresh(session: Session, call: Call) -> Reply:
+    """Report the state of the session it was given, then load a user and keep it referenced."""
+    state = {
+        "reused": bool(session.info.get("served")),
+        "identity_map": len(session.identity_map),
+        "in_transaction": session.in_transaction(),
+    }
+    session.info["served"] = True
+    sessions.append(session)
+    user = session.get(User, call.query)
+    held.append(user)
+    return Reply(200, {**state, "name": user.name if user else None})
+
+
+def boom(session: Session, call: Call) -> Reply:
+    """Write a row, then fail with an exception the service does not know."""
+    sessions.append(session)
+    session.add(_new_user("boom@example.com"))
+    session.flush()
+    raise RuntimeError("handler failed after writing")
+
+
+def overflow(session: Session, call: Call) -> Reply:
+    """Write a row, then hit an error only the database catches (int4 overflow, SQLSTATE 22003)."""
+    sessions.append(session)
+    session.add(_new_user("overflow@example.com"))
+    session.flush()
+    session.execute(text("SELECT 2147483647::int4 + 1"))
+    return Reply(200, {})
+
+
+def commit_fails(session: Session, call: Call) -> Reply:
+    """Insert into a table whose deferred constraint trigger refuses the COMMIT."""
+    sessions.append(session)
+    session.add(_new_user("commit@example.com"))
+    session.execute(text("INSERT INTO commit_probe (id) VALUES (1)"))
+    return Reply(201, {})
+
+
+def kill_connection(session: Session, call: Call) -> Reply:
+    """Write a row, then have the server terminate this very connection."""
+    sessions.append(session)
+    session.add(_new_user("killed@example.com"))
+    session.flush()
+    session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+    return Reply(200, {})
+
+
+def autoflush(session: Session, call: Call) -> Reply:
+    """Add a user without flushing, then query for it in the same request."""
+    sessions.append(session)
+    session.add(_new_user("autoflush@example.com"))
+    found = session.scalars(select(User).where(User.email == "autoflush@example.com")).first()
+    return Reply(200, {"found": found is not None})
+
+
+def _one(method: str, view: http.View, **options: Any) -> Resource:
+    return Resource(collection={method: Endpoint(view, **options)})
+
+
+ROUTER = Router(
+    {
+        "users": users.RESOURCE,
+        "fresh": _one("GET", fresh, query=lambda args: int(args["id"])),
+        "boom": _one("POST", boom),
+        "overflow": _one("POST", overflow),
+        "commit-fails": _one("POST", commit_fails),
+        "kill-connection": _one("POST", kill_connection),
+        "autoflush": _one("POST", autoflush),
+    }
+)
+
+
+@functions_framework.http
+def probe(request: flask.Request) -> flask.Response:
+    return http.serve(request, database, ROUTER)
