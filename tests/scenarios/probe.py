@@ -25,7 +25,9 @@ held: list[Any] = []  # loaded rows kept alive across requests, as a careless ca
 
 def _new_user(email: str) -> User:
     now = utcnow()
-    return User(name="probe", email=email, balance=0, created_at=now, updated_at=now)
+    user = User(name="probe", email=email, balance=0, created_at=now, updated_at=now)
+    held.append(user)
+    return user
 
 
 def fresh(session: Session, call: Call) -> Reply:
