@@ -1,0 +1,102 @@
+"""Configuration: read once, validated, one clear line naming the variable, never a password."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from db.config import ConfigError, load_settings
+
+SECRET = "hunter2-secret"
+CONNECTOR = {
+    "INSTANCE_CONNECTION_NAME": "my-project:europe-west1:main",
+    "DB_USER": "app",
+    "DB_NAME": "app",
+    "DB_PASS": SECRET,
+}
+
+
+def test_no_configuration_means_the_embedded_sqlite_file() -> None:
+    """Without DATABASE_URL or INSTANCE_CONNECTION_NAME the service uses app.db."""
+    settings = load_settings({})
+    assert settings.is_embedded
+    assert settings.url.database == "app.db"
+    assert settings.cloud_sql is None
+
+
+def test_pool_size_defaults_to_the_request_threads() -> None:
+    """The pool holds one connection per request thread, as functions-framework counts them."""
+    assert load_settings({"THREADS": "8"}).pool_size == 8
+    assert load_settings({}).pool_size == (os.cpu_count() or 1) * 4
+    assert load_settings({"THREADS": "8", "DB_POOL_SIZE": "3"}).pool_size == 3
+
+
+def test_pool_settings_are_read() -> None:
+    """DB_POOL_* and the server-side timeouts are parsed."""
+    settings = load_settings(
+        {"DB_MAX_OVERFLOW": "2", "DB_POOL_TIMEOUT": "2.5", "DB_POOL_RECYCLE": "600", "DB_STATEMENT_TIMEOUT": "5"}
+    )
+    assert (settings.max_overflow, settings.pool_timeout, settings.pool_recycle) == (2, 2.5, 600)
+    assert settings.statement_timeout == 5
+
+
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql", "postgresql+pg8000"])
+def test_postgresql_urls_use_pg8000(scheme: str) -> None:
+    """Driverless PostgreSQL URLs are read as pg8000 URLs."""
+    url = load_settings({"DATABASE_URL": f"{scheme}://u:{SECRET}@db:5432/app"}).url
+    assert url.drivername == "postgresql+pg8000"
+    assert url.database == "app"
+
+
+def test_connector_settings_are_read() -> None:
+    """INSTANCE_CONNECTION_NAME selects the connector with its credentials and IP type."""
+    settings = load_settings({**CONNECTOR, "DB_IP_TYPE": "private"})
+    assert settings.cloud_sql is not None
+    assert settings.cloud_sql.ip_type == "PRIVATE"
+    assert settings.cloud_sql.password == SECRET
+    assert SECRET not in repr(settings)
+
+
+def test_iam_authentication_needs_no_password() -> None:
+    """DB_IAM_AUTH=true connects without DB_PASS."""
+    environ = {**CONNECTOR, "DB_IAM_AUTH": "true"}
+    del environ["DB_PASS"]
+    settings = load_settings(environ)
+    assert settings.cloud_sql is not None and settings.cloud_sql.iam_auth
+    assert settings.cloud_sql.password is None
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"DATABASE_URL": "not a url"}, "DATABASE_URL"),
+        ({"DATABASE_URL": f"mysql://u:{SECRET}@h/app"}, "DATABASE_URL"),
+        ({"DATABASE_URL": f"postgresql+psycopg2://u:{SECRET}@h/app"}, "DATABASE_URL"),
+        ({"DATABASE_URL": f"postgresql://u:{SECRET}@h/app", **CONNECTOR}, "DATABASE_URL"),
+        ({**CONNECTOR, "INSTANCE_CONNECTION_NAME": "only-two:parts"}, "INSTANCE_CONNECTION_NAME"),
+        ({**CONNECTOR, "DB_USER": ""}, "DB_USER"),
+        ({**CONNECTOR, "DB_NAME": " "}, "DB_NAME"),
+        ({**CONNECTOR, "DB_PASS": ""}, "DB_PASS"),
+        ({**CONNECTOR, "DB_IAM_AUTH": "true"}, "DB_PASS"),
+        ({**CONNECTOR, "DB_IAM_AUTH": "yes"}, "DB_IAM_AUTH"),
+        ({**CONNECTOR, "DB_IP_TYPE": "INTERNAL"}, "DB_IP_TYPE"),
+        ({"DB_POOL_SIZE": "0"}, "DB_POOL_SIZE"),
+        ({"DB_POOL_SIZE": "ten"}, "DB_POOL_SIZE"),
+        ({"DB_MAX_OVERFLOW": "-1"}, "DB_MAX_OVERFLOW"),
+        ({"DB_POOL_TIMEOUT": "0"}, "DB_POOL_TIMEOUT"),
+        ({"DB_POOL_TIMEOUT": "soon"}, "DB_POOL_TIMEOUT"),
+        ({"DB_POOL_RECYCLE": "0"}, "DB_POOL_RECYCLE"),
+        ({"DB_STATEMENT_TIMEOUT": "nan"}, "DB_STATEMENT_TIMEOUT"),
+        ({"THREADS": "0"}, "THREADS"),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+    ],
+)  # fmt: skip
+def test_bad_value_is_one_line_naming_the_variable_without_secrets(environ: dict[str, str], variable: str) -> None:
+    """Each bad setting raises ConfigError: one line, naming the variable, never the password."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ)
+    message = str(raised.value)
+    assert variable in message
+    assert "\n" not in message
+    assert SECRET not in message
