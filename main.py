@@ -39,9 +39,9 @@ def api(request: flask.Request) -> flask.Response:
     return http.serve(request, database, routes.API)
 
 
-@functions_framework.errorhandler(HTTPException)
+@functions_framework.errorhandler(HTTPException)  # type: ignore[untyped-decorator]
 def framework_error(error: HTTPException) -> flask.Response:
-    """Paths the framework answers itself (``/favicon.ico``, ``/robots.txt``) get the JSON error body."""
+    """Paths the framework answers itself (``/favicon.ico``, ``/robots.txt``) answer JSON too."""
     status = error.code or 500
     code = "not_found" if status == 404 else "bad_request" if status < 500 else "internal"
     reply = errors.Reply(status, {"error": {"code": code, "message": error.description or code}})

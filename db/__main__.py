@@ -1,4 +1,4 @@
-"""``python -m db upgrade|current|check|revision -m MESSAGE``: manage the configured database's schema."""
+"""``python -m db upgrade|current|check|revision -m MSG``: the configured database's schema."""
 
 from __future__ import annotations
 

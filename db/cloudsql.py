@@ -18,7 +18,7 @@ from db.config import CloudSqlSettings
 def connector_creator(
     settings: CloudSqlSettings, connect_args: dict[str, Any]
 ) -> tuple[Callable[[], Any], Connector]:
-    """A pg8000 connection factory for ``create_engine(creator=...)`` and the connector behind it."""
+    """A pg8000 connection factory for ``create_engine(creator=...)``, and its connector."""
     ip_type = IPTypes[settings.ip_type]
     # "lazy": refresh certificates on demand, since the CPU is throttled between requests.
     connector = Connector(

@@ -7,8 +7,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Engine, create_engine, event, orm
+from sqlalchemy.orm import Session
 
 from db.config import Settings, load_settings
 
@@ -26,7 +26,7 @@ class Database:
         self._load = load
         self._lock = threading.Lock()
         self._engine: Engine | None = None
-        self._sessionmaker: sessionmaker[Session] | None = None
+        self._sessionmaker: orm.sessionmaker[Session] | None = None
         self._connector: Any = None
 
     @property
@@ -35,7 +35,7 @@ class Database:
         return self._built()[0]
 
     @property
-    def sessionmaker(self) -> sessionmaker[Session]:
+    def sessionmaker(self) -> orm.sessionmaker[Session]:
         """The session factory, bound to the engine and living as long as it."""
         return self._built()[1]
 
@@ -54,27 +54,28 @@ class Database:
         if connector is not None:
             connector.close()
 
-    def _built(self) -> tuple[Engine, sessionmaker[Session]]:
+    def _built(self) -> tuple[Engine, orm.sessionmaker[Session]]:
         engine, factory = self._engine, self._sessionmaker
         if engine is None or factory is None:
             with self._lock:
                 if self._engine is None or self._sessionmaker is None:
                     self._build()
                 engine, factory = self._engine, self._sessionmaker
-        assert engine is not None and factory is not None
+        assert engine is not None
+        assert factory is not None
         return engine, factory
 
     def _build(self) -> None:
         settings = self._load()
         if settings.is_embedded:
             engine = _sqlite_engine(settings)
-            from db.migrate import upgrade  # Alembic is imported only where it runs.
+            from db.migrate import upgrade  # noqa: PLC0415  # Alembic loads only where it runs
 
             upgrade(engine)
         else:
             engine, self._connector = _postgresql_engine(settings)
         log.info("engine built", extra={"database": engine.url.render_as_string()})
-        self._sessionmaker = sessionmaker(bind=engine)
+        self._sessionmaker = orm.sessionmaker(bind=engine)
         self._engine = engine
 
 
@@ -108,7 +109,7 @@ def _postgresql_engine(settings: Settings) -> tuple[Engine, Any]:
             settings.url, connect_args=connect_args, **_pool_arguments(settings)
         ), None
 
-    from db.cloudsql import connector_creator  # Google's client is imported only here.
+    from db.cloudsql import connector_creator  # noqa: PLC0415  # Google's client loads only here
 
     creator, connector = connector_creator(settings.cloud_sql, connect_args)
     return create_engine(settings.url, creator=creator, **_pool_arguments(settings)), connector

@@ -21,6 +21,7 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+
 def utcnow() -> datetime:
     """The current time in UTC."""
     return datetime.now(UTC)

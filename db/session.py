@@ -48,8 +48,11 @@ def transaction(
         except DBAPIError as error:
             if attempt >= max_attempts or not _retryable(error):
                 raise
-            log.warning("transaction attempt %d failed (%s), retrying", attempt, classify(error).value)
-        time.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)))
+            log.warning(
+                "transaction attempt %d failed (%s), retrying", attempt, classify(error).value
+            )
+        # Jitter spreads the retries of colliding transactions; it needs no cryptographic quality.
+        time.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)))  # noqa: S311
         attempt += 1
 
 

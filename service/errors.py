@@ -48,7 +48,9 @@ class ValidationFailed(DomainError):
 
     code = "validation_failed"
 
-    def __init__(self, details: list[dict[str, Any]], message: str = "the request is not valid") -> None:
+    def __init__(
+        self, details: list[dict[str, Any]], message: str = "the request is not valid"
+    ) -> None:
         super().__init__(message, details)
 
 

@@ -57,7 +57,7 @@ def update_user(
 
 
 def delete_user(session: Session, user_id: int) -> None:
-    """Remove a user and their items; raise ``NotFound``, or ``Conflict`` when they have transfers."""
+    """Remove a user and their items; ``NotFound``, or ``Conflict`` if they have transfers."""
     try:
         result = session.execute(delete(User).where(User.id == user_id))
     except IntegrityError as error:

@@ -1,4 +1,4 @@
-"""Fixtures: the PostgreSQL server, a clean environment, and instances built from real entry points."""
+"""Fixtures: the PostgreSQL server, a clean environment, instances built from real entry points."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def instances() -> Iterator[Callable[..., Instance]]:
     started: list[Instance] = []
 
     def start(target: str = "api", source: Path = MAIN) -> Instance:
-        app = create_app(target, str(source))
+        app = create_app(target, str(source))  # type: ignore[no-untyped-call]
         module = sys.modules[source.stem]
         instance = Instance(app.test_client(), module.database, module)
         started.append(instance)

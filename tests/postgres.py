@@ -7,6 +7,7 @@ SCRAM, as on Cloud SQL.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -14,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from sqlalchemy.engine import URL
@@ -91,17 +91,15 @@ class PostgresServer:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):
             self.stop("immediate")
-        except subprocess.CalledProcessError:
-            pass
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _run(self, program: str, *args: str) -> None:
         command = [str(self.bindir / program), *args]
         if self._user:
             command = ["runuser", "-u", self._user, "--", *command]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
         if result.returncode != 0:
             log = self.log.read_text() if self.log.exists() else ""
             raise subprocess.CalledProcessError(

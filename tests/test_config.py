@@ -35,7 +35,12 @@ def test_pool_size_defaults_to_the_request_threads() -> None:
 def test_pool_settings_are_read() -> None:
     """DB_POOL_* and the server-side timeouts are parsed."""
     settings = load_settings(
-        {"DB_MAX_OVERFLOW": "2", "DB_POOL_TIMEOUT": "2.5", "DB_POOL_RECYCLE": "600", "DB_STATEMENT_TIMEOUT": "5"}
+        {
+            "DB_MAX_OVERFLOW": "2",
+            "DB_POOL_TIMEOUT": "2.5",
+            "DB_POOL_RECYCLE": "600",
+            "DB_STATEMENT_TIMEOUT": "5",
+        }
     )
     assert (settings.max_overflow, settings.pool_timeout, settings.pool_recycle) == (2, 2.5, 600)
     assert settings.statement_timeout == 5
@@ -63,7 +68,8 @@ def test_iam_authentication_needs_no_password() -> None:
     environ = {**CONNECTOR, "DB_IAM_AUTH": "true"}
     del environ["DB_PASS"]
     settings = load_settings(environ)
-    assert settings.cloud_sql is not None and settings.cloud_sql.iam_auth
+    assert settings.cloud_sql is not None
+    assert settings.cloud_sql.iam_auth
     assert settings.cloud_sql.password is None
 
 
@@ -92,7 +98,9 @@ def test_iam_authentication_needs_no_password() -> None:
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
     ],
 )  # fmt: skip
-def test_bad_value_is_one_line_naming_the_variable_without_secrets(environ: dict[str, str], variable: str) -> None:
+def test_bad_value_is_one_line_naming_the_variable_without_secrets(
+    environ: dict[str, str], variable: str
+) -> None:
     """Each bad setting raises ConfigError: one line, naming the variable, never the password."""
     with pytest.raises(ConfigError) as raised:
         load_settings(environ)

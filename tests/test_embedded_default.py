@@ -14,7 +14,9 @@ from tests.conftest import Instance
 
 
 @pytest.fixture
-def embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, instances: Callable[..., Instance]) -> Instance:
+def embedded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, instances: Callable[..., Instance]
+) -> Instance:
     """An api instance with no database configured, in an empty working directory."""
     monkeypatch.chdir(tmp_path)
     return instances()
@@ -29,7 +31,10 @@ def test_serves_users_on_a_sqlite_file_it_creates(embedded: Instance, tmp_path: 
     assert created.status_code == 201
     assert created.json["email"] == "ada@example.com"
     assert embedded.client.get(f"/users/{created.json['id']}").json == created.json
-    assert embedded.client.post("/users", json={"name": "B", "email": "ADA@example.com"}).status_code == 409
+    assert (
+        embedded.client.post("/users", json={"name": "B", "email": "ADA@example.com"}).status_code
+        == 409
+    )
     assert embedded.client.get("/healthz").json == {"status": "ok", "database": "ok"}
     engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
     assert {"users", "alembic_version"} <= set(inspect(engine).get_table_names())

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import sqlalchemy
 from sqlalchemy import Engine, event
 from sqlalchemy.pool import Pool
 
@@ -22,7 +23,7 @@ THREADS = 32
 def counted_engines(monkeypatch: pytest.MonkeyPatch) -> list[Engine]:
     """Record every engine the service creates; each creation is slowed to widen any race."""
     created: list[Engine] = []
-    real = db.engine.create_engine
+    real = sqlalchemy.create_engine
 
     def create_engine(*args: Any, **kwargs: Any) -> Engine:
         time.sleep(0.05)

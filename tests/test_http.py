@@ -23,17 +23,25 @@ def assert_error(response: object, status: int, code: str) -> None:
     assert set(body) == {"error"}
     assert set(body["error"]) <= {"code", "message", "details"}
     assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["message"]
     raw = response.get_data(as_text=True)  # type: ignore[attr-defined]
     for leak in LEAKS:
         assert leak not in raw
 
 
-@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "application/json; charset=latin-1"])
-def test_body_without_json_content_type_is_415(client: FlaskClient, pg: Engine, content_type: str | None) -> None:
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "application/json; charset=latin-1"],
+)
+def test_body_without_json_content_type_is_415(
+    client: FlaskClient, pg: Engine, content_type: str | None
+) -> None:
     """A POST whose Content-Type is missing or not JSON is a 415 and adds nothing."""
     headers = {"Content-Type": content_type} if content_type else {}
-    response = client.post("/users", data=b'{"name": "A", "email": "a@example.com"}', headers=headers)
+    response = client.post(
+        "/users", data=b'{"name": "A", "email": "a@example.com"}', headers=headers
+    )
 
     assert_error(response, 415, "unsupported_media_type")
     with pg.connect() as connection:
@@ -54,7 +62,9 @@ def test_json_content_type_with_utf8_charset_is_accepted(client: FlaskClient) ->
 def test_body_over_one_mebibyte_is_413(client: FlaskClient) -> None:
     """A body over 1 MiB is refused with 413 before it is parsed."""
     body = b'{"name": "' + b"x" * (1024 * 1024) + b'", "email": "a@example.com"}'
-    assert_error(client.post("/users", data=body, content_type="application/json"), 413, "payload_too_large")
+    assert_error(
+        client.post("/users", data=body, content_type="application/json"), 413, "payload_too_large"
+    )
 
 
 def test_body_of_exactly_one_mebibyte_is_parsed(client: FlaskClient) -> None:
@@ -70,7 +80,9 @@ def test_body_of_exactly_one_mebibyte_is_parsed(client: FlaskClient) -> None:
 )
 def test_body_that_is_not_a_json_object_is_400(client: FlaskClient, body: bytes) -> None:
     """Malformed JSON, or JSON that is not an object, is a 400 bad_request."""
-    assert_error(client.post("/users", data=body, content_type="application/json"), 400, "bad_request")
+    assert_error(
+        client.post("/users", data=body, content_type="application/json"), 400, "bad_request"
+    )
 
 
 def test_checks_run_in_the_contract_order(client: FlaskClient) -> None:
@@ -93,14 +105,19 @@ def test_checks_run_in_the_contract_order(client: FlaskClient) -> None:
         ("post", "/healthz", "GET, HEAD"),
     ],
 )
-def test_wrong_method_is_405_with_allow(client: FlaskClient, method: str, path: str, allow: str) -> None:
+def test_wrong_method_is_405_with_allow(
+    client: FlaskClient, method: str, path: str, allow: str
+) -> None:
     """A method the path does not accept is a 405 listing the methods it does."""
     response = getattr(client, method)(path)
     assert_error(response, 405, "method_not_allowed")
     assert response.headers["Allow"] == allow
 
 
-@pytest.mark.parametrize("path", ["/", "/nothing", "/users/1/extra", "/users//1", "/healthz/1", "/favicon.ico", "/robots.txt"])
+@pytest.mark.parametrize(
+    "path",
+    ["/", "/nothing", "/users/1/extra", "/users//1", "/healthz/1", "/favicon.ico", "/robots.txt"],
+)
 def test_unknown_path_is_404(client: FlaskClient, path: str) -> None:
     """Paths the api target does not serve, its root included, are a JSON 404."""
     assert_error(client.get(path), 404, "not_found")
@@ -119,7 +136,8 @@ def test_request_id_is_echoed_when_valid_and_replaced_otherwise(client: FlaskCli
     assert client.get("/users", headers={"X-Request-Id": valid}).headers["X-Request-Id"] == valid
     for invalid in ("", "has space", "x" * 129, "semi;colon", "é"):
         returned = client.get("/users", headers={"X-Request-Id": invalid}).headers["X-Request-Id"]
-        assert returned and returned != invalid
+        assert returned
+        assert returned != invalid
     first = client.get("/users").headers["X-Request-Id"]
     assert first != client.get("/users").headers["X-Request-Id"]
 
@@ -127,20 +145,31 @@ def test_request_id_is_echoed_when_valid_and_replaced_otherwise(client: FlaskCli
 def test_every_response_carries_request_id_and_json_content_type(client: FlaskClient) -> None:
     """Success, errors and 204 all carry X-Request-Id; all but 204 are application/json."""
     created = client.post("/users", json={"name": "A", "email": "a@example.com"})
-    responses = [created, client.get("/users"), client.get("/nope"), client.put("/users"), client.post("/users", json={})]
+    responses = [
+        created,
+        client.get("/users"),
+        client.get("/nope"),
+        client.put("/users"),
+        client.post("/users", json={}),
+    ]
     for response in responses:
         assert response.headers["X-Request-Id"]
         assert response.headers["Content-Type"] == "application/json"
     deleted = client.delete(f"/users/{created.json['id']}")
-    assert deleted.status_code == 204 and deleted.headers["X-Request-Id"]
+    assert deleted.status_code == 204
+    assert deleted.headers["X-Request-Id"]
 
 
-def test_unexpected_error_is_500_internal_without_details(pg: Engine, instances: Callable[..., Instance]) -> None:
+def test_unexpected_error_is_500_internal_without_details(
+    pg: Engine, instances: Callable[..., Instance]
+) -> None:
     """An exception the service does not know becomes 500 internal, with no trace or class name."""
     assert_error(instances("probe", PROBE).client.post("/boom"), 500, "internal")
 
 
-def test_error_only_the_database_catches_is_422_without_sql(pg: Engine, instances: Callable[..., Instance]) -> None:
+def test_error_only_the_database_catches_is_422_without_sql(
+    pg: Engine, instances: Callable[..., Instance]
+) -> None:
     """A value the database refuses (SQLSTATE 22003) is a 422 naming no SQL or driver."""
     response = instances("probe", PROBE).client.post("/overflow")
     assert_error(response, 422, "validation_failed")
@@ -158,7 +187,9 @@ def test_health_answers_ok_after_a_database_round_trip(client: FlaskClient) -> N
 
 
 @pytest.mark.parametrize("path", ["/", "/healthz"])
-def test_health_entry_point_serves_root_and_healthz(pg: Engine, instances: Callable[..., Instance], path: str) -> None:
+def test_health_entry_point_serves_root_and_healthz(
+    pg: Engine, instances: Callable[..., Instance], path: str
+) -> None:
     """The health target answers at / and /healthz."""
     assert instances("health").client.get(path).json == {"status": "ok", "database": "ok"}
 
@@ -166,7 +197,7 @@ def test_health_entry_point_serves_root_and_healthz(pg: Engine, instances: Calla
 def test_health_is_503_with_retry_after_when_the_database_is_unreachable(
     instances: Callable[..., Instance], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With no server at the configured address, /healthz is 503 service_unavailable with Retry-After."""
+    """With no server at the configured address, /healthz is 503 with Retry-After."""
     monkeypatch.setenv("DATABASE_URL", f"postgresql+pg8000://postgres:{PASSWORD}@127.0.0.1:9/app")
     monkeypatch.setenv("DB_POOL_TIMEOUT", "1")
 

@@ -1,8 +1,8 @@
-"""The per-request scope: fresh sessions, no stale reads, no poisoned sessions, one commit, closed always."""
+"""The per-request scope: fresh sessions, no stale reads, no poisoning, one commit, closed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import Engine, event, inspect, text
@@ -21,12 +21,12 @@ def _create_user(instance: Instance, email: str) -> int:
 
 
 @pytest.fixture
-def probe(pg: Engine, instances: Callable[..., Instance]) -> Iterator[Instance]:
+def probe(pg: Engine, instances: Callable[..., Instance]) -> Instance:
     """The probe scenario app on the test PostgreSQL, with its session log emptied."""
     instance = instances("probe", PROBE)
     instance.module.sessions.clear()
     instance.module.held.clear()
-    yield instance
+    return instance
 
 
 @pytest.fixture
@@ -50,7 +50,9 @@ def _count(engine: Engine, name: str) -> list[int]:
 # Stale data
 
 
-def test_instance_sees_change_made_by_another_instance(pg: Engine, instances: Callable[..., Instance]) -> None:
+def test_instance_sees_change_made_by_another_instance(
+    pg: Engine, instances: Callable[..., Instance]
+) -> None:
     """A read on instance A after instance B changed the user returns B's change."""
     a, b = instances(), instances()
     user_id = _create_user(a, "stale@example.com")
@@ -62,7 +64,9 @@ def test_instance_sees_change_made_by_another_instance(pg: Engine, instances: Ca
     assert a.database.engine is not b.database.engine
 
 
-def test_instance_sees_change_made_outside_the_service(pg: Engine, instances: Callable[..., Instance]) -> None:
+def test_instance_sees_change_made_outside_the_service(
+    pg: Engine, instances: Callable[..., Instance]
+) -> None:
     """A read after plain SQL changed the row returns the new value."""
     a = instances()
     user_id = _create_user(a, "outside@example.com")
@@ -75,11 +79,13 @@ def test_instance_sees_change_made_outside_the_service(pg: Engine, instances: Ca
 
 
 def test_every_request_starts_with_a_new_empty_session(probe: Instance, pg: Engine) -> None:
-    """Each request gets a session never used before, with an empty identity map and no transaction."""
+    """Each request gets a never-used session with an empty identity map and no transaction."""
     user_id = _create_user(probe, "fresh@example.com")
     first = probe.client.get(f"/fresh?id={user_id}").json
     with pg.begin() as connection:
-        connection.execute(text("UPDATE users SET name = 'Renamed' WHERE id = :id"), {"id": user_id})
+        connection.execute(
+            text("UPDATE users SET name = 'Renamed' WHERE id = :id"), {"id": user_id}
+        )
     second = probe.client.get(f"/fresh?id={user_id}").json
 
     for state in (first, second):
@@ -98,7 +104,7 @@ def test_every_request_starts_with_a_new_empty_session(probe: Instance, pg: Engi
 
 FAILURES = [
     pytest.param("post", "/users", {"name": "", "email": "bad"}, 422, id="validation"),
-    pytest.param("post", "/users", {"name": "Dup", "email": "taken@example.com"}, 409, id="unique-violation"),
+    pytest.param("post", "/users", {"name": "D", "email": "taken@example.com"}, 409, id="unique"),
     pytest.param("post", "/overflow", None, 422, id="database-only-error"),
     pytest.param("post", "/boom", None, 500, id="handler-exception"),
     pytest.param("post", "/commit-fails", None, 500, id="commit-fails"),
@@ -111,7 +117,7 @@ FAILURES = [
 def test_failed_request_is_followed_by_a_good_one(
     probe: Instance, pg: Engine, method: str, path: str, body: object, status: int
 ) -> None:
-    """On one warm instance with a single pooled connection, a failure never breaks the next request."""
+    """On a warm instance with one pooled connection, a failure never breaks the next request."""
     _create_user(probe, "taken@example.com")
 
     failed = getattr(probe.client, method)(path, json=body)
@@ -130,7 +136,7 @@ def test_failed_request_is_followed_by_a_good_one(
 
 @pytest.mark.usefixtures("small_pool")
 def test_connection_whose_rollback_failed_is_discarded(probe: Instance) -> None:
-    """When even the rollback fails, the connection is invalidated instead of returned to the pool."""
+    """When even the rollback fails, the connection is invalidated, not returned to the pool."""
     invalidated: list[object] = []
     event.listen(probe.database.engine.pool, "invalidate", lambda *args: invalidated.append(args))
 
@@ -159,7 +165,7 @@ PATHS = [
 def test_every_path_returns_its_connection_and_closes_its_session(
     probe: Instance, method: str, path: str, body: object, status: int
 ) -> None:
-    """After any outcome the pool has nothing checked out and no row is left attached to a session."""
+    """After any outcome nothing is checked out and no row is left attached to a session."""
     _create_user(probe, "taken@example.com")
     probe.module.held.clear()
     began: list[Session] = []
@@ -201,10 +207,10 @@ def test_base_exception_rolls_back_and_returns_the_connection(probe: Instance, p
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "commits"),
     [
-        pytest.param("post", "/users", {"name": "A", "email": "a@example.com"}, 201, 1, id="create"),
+        pytest.param("post", "/users", {"name": "A", "email": "a@b.c"}, 201, 1, id="create"),
         pytest.param("patch", "/users/1", {"name": "B"}, 200, 1, id="update"),
         pytest.param("delete", "/users/1", None, 204, 1, id="delete"),
-        pytest.param("post", "/users", {"name": "A", "email": "taken@example.com"}, 409, 0, id="conflict"),
+        pytest.param("post", "/users", {"name": "A", "email": "taken@x.io"}, 409, 0, id="dup"),
         pytest.param("post", "/users", {"name": "", "email": "x"}, 422, 0, id="invalid"),
         pytest.param("patch", "/users/999", {"name": "B"}, 404, 0, id="missing"),
         pytest.param("post", "/boom", None, 500, 0, id="exception"),
@@ -214,7 +220,7 @@ def test_write_request_commits_exactly_once_and_failed_one_never(
     probe: Instance, method: str, path: str, body: object, status: int, commits: int
 ) -> None:
     """A successful write commits once; a failed request commits nothing."""
-    _create_user(probe, "taken@example.com")
+    _create_user(probe, "taken@x.io")
     committed = _count(probe.database.engine, "commit")
 
     response = getattr(probe.client, method)(path, json=body)
@@ -223,7 +229,9 @@ def test_write_request_commits_exactly_once_and_failed_one_never(
     assert committed[0] == commits
 
 
-def test_commit_refused_by_the_server_is_a_5xx_and_stores_nothing(probe: Instance, pg: Engine) -> None:
+def test_commit_refused_by_the_server_is_a_5xx_and_stores_nothing(
+    probe: Instance, pg: Engine
+) -> None:
     """When COMMIT itself fails the caller gets a 500, not a 2xx, and no row is kept."""
     committed = _count(probe.database.engine, "commit")
 

@@ -16,7 +16,9 @@ RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 USER_FIELDS = {"id", "name", "email", "balance", "created_at", "updated_at"}
 
 
-def create(client: FlaskClient, email: str = "ada@example.com", **fields: object) -> dict[str, object]:
+def create(
+    client: FlaskClient, email: str = "ada@example.com", **fields: object
+) -> dict[str, object]:
     response = client.post("/users", json={"name": "Ada", "email": email, **fields})
     assert response.status_code == 201, response.json
     return dict(response.json)
@@ -31,7 +33,9 @@ def details(response: object) -> list[tuple[object, ...]]:
 
 def test_create_user_returns_201_with_location_and_the_user(client: FlaskClient) -> None:
     """POST /users answers 201, the exact representation and a Location header."""
-    response = client.post("/users", json={"name": "  Ada  ", "email": "Ada@Example.COM", "balance": 5})
+    response = client.post(
+        "/users", json={"name": "  Ada  ", "email": "Ada@Example.COM", "balance": 5}
+    )
 
     assert response.status_code == 201
     user = response.json
@@ -39,7 +43,8 @@ def test_create_user_returns_201_with_location_and_the_user(client: FlaskClient)
     assert user["name"] == "Ada"
     assert user["email"] == "ada@example.com"
     assert user["balance"] == 5
-    assert RFC3339_UTC.match(user["created_at"]) and user["created_at"] == user["updated_at"]
+    assert RFC3339_UTC.match(user["created_at"])
+    assert user["created_at"] == user["updated_at"]
     assert response.headers["Location"] == f"/users/{user['id']}"
     assert response.headers["Content-Type"] == "application/json"
 
@@ -50,14 +55,18 @@ def test_create_user_balance_defaults_to_zero_and_accepts_the_maximum(client: Fl
     assert create(client, "b@example.com", balance=MAX_BIGINT)["balance"] == MAX_BIGINT
 
 
-def test_create_user_with_taken_email_in_other_case_is_a_conflict(client: FlaskClient, pg: Engine) -> None:
+def test_create_user_with_taken_email_in_other_case_is_a_conflict(
+    client: FlaskClient, pg: Engine
+) -> None:
     """Emails are unique regardless of case: 409 conflict, and nothing is added."""
     create(client, "ada@example.com")
 
     response = client.post("/users", json={"name": "Other", "email": "ADA@example.com"})
 
     assert response.status_code == 409
-    assert response.json == {"error": {"code": "conflict", "message": "a user with this email already exists"}}
+    assert response.json == {
+        "error": {"code": "conflict", "message": "a user with this email already exists"}
+    }
     with pg.connect() as connection:
         assert connection.scalar(text("SELECT count(*) FROM users")) == 1
 
@@ -118,8 +127,12 @@ def test_get_user_returns_the_user(client: FlaskClient) -> None:
     assert response.json == user
 
 
-@pytest.mark.parametrize("path_id", ["999", "0", "-1", "abc", "1.0", "%201", str(MAX_BIGINT + 1), "9" * 40])
-def test_get_user_with_unknown_or_malformed_id_is_not_found(client: FlaskClient, path_id: str) -> None:
+@pytest.mark.parametrize(
+    "path_id", ["999", "0", "-1", "abc", "1.0", "%201", str(MAX_BIGINT + 1), "9" * 40]
+)
+def test_get_user_with_unknown_or_malformed_id_is_not_found(
+    client: FlaskClient, path_id: str
+) -> None:
     """An unknown id, or a path segment that is not an id, is a 404 not_found."""
     create(client)
 
@@ -146,9 +159,13 @@ def test_list_users_pages_through_all_rows_in_id_order(client: FlaskClient) -> N
     assert [u["id"] for u in first["users"]] == ids[:2]
     assert [u["id"] for u in second["users"]] == ids[2:4]
     assert [u["id"] for u in third["users"]] == ids[4:]
-    assert first["next_after"] == ids[1] and second["next_after"] == ids[3]
+    assert first["next_after"] == ids[1]
+    assert second["next_after"] == ids[3]
     assert third["next_after"] is None
-    assert client.get("/users").json == {"users": first["users"] + second["users"] + third["users"], "next_after": None}
+    assert client.get("/users").json == {
+        "users": first["users"] + second["users"] + third["users"],
+        "next_after": None,
+    }
 
 
 def test_list_users_full_last_page_points_to_an_empty_next_page(client: FlaskClient) -> None:
@@ -184,7 +201,9 @@ def test_list_users_filters_by_email_regardless_of_case(client: FlaskClient) -> 
         (f"after={MAX_BIGINT + 1}", ("query", "after")),
     ],
 )
-def test_list_users_rejects_bad_paging_parameters(client: FlaskClient, query: str, loc: tuple[str, ...]) -> None:
+def test_list_users_rejects_bad_paging_parameters(
+    client: FlaskClient, query: str, loc: tuple[str, ...]
+) -> None:
     """A bad limit or after is a 422 naming the query parameter."""
     assert details(client.get(f"/users?{query}")) == [loc]
 
@@ -199,11 +218,17 @@ def test_patch_user_changes_name_and_email(client: FlaskClient) -> None:
     """PATCH changes the given fields, lower-cases the email and moves updated_at."""
     user = create(client)
 
-    response = client.patch(f"/users/{user['id']}", json={"name": " Grace ", "email": "Grace@Example.com"})
+    response = client.patch(
+        f"/users/{user['id']}", json={"name": " Grace ", "email": "Grace@Example.com"}
+    )
 
     assert response.status_code == 200
     changed = response.json
-    assert (changed["name"], changed["email"], changed["balance"]) == ("Grace", "grace@example.com", 0)
+    assert (changed["name"], changed["email"], changed["balance"]) == (
+        "Grace",
+        "grace@example.com",
+        0,
+    )
     assert changed["created_at"] == user["created_at"]
     assert changed["updated_at"] > user["updated_at"]
     assert client.get(f"/users/{user['id']}").json == changed
@@ -234,8 +259,10 @@ def test_patch_user_to_a_taken_email_is_a_conflict(client: FlaskClient) -> None:
     "body",
     [{"balance": 5}, {"name": None}, {"email": None}, {"name": ""}, {"id": 1}, {"email": "bad"}],
 )
-def test_patch_user_rejects_fields_it_cannot_change(client: FlaskClient, body: dict[str, object]) -> None:
-    """Unknown fields (balance included), null and broken values are a 422; the user is unchanged."""
+def test_patch_user_rejects_fields_it_cannot_change(
+    client: FlaskClient, body: dict[str, object]
+) -> None:
+    """Unknown fields (balance too), null and broken values are a 422; nothing changes."""
     user = create(client)
 
     assert details(client.patch(f"/users/{user['id']}", json=body)) == [tuple(body)]

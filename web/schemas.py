@@ -44,7 +44,7 @@ STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 def body_validator(schema: type[T]) -> Callable[[Any], T]:
-    """A function that validates a parsed JSON body against ``schema`` or raises ``ValidationFailed``."""
+    """A function checking a parsed JSON body against ``schema``; raises ``ValidationFailed``."""
     adapter = TypeAdapter(schema)
 
     def validate(body: Any) -> T:

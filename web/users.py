@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import NotRequired
+
 from pydantic import with_config
 from sqlalchemy.orm import Session
-from typing_extensions import NotRequired, TypedDict
+from typing_extensions import TypedDict
 
 from service import users
 from web import representations as show
