@@ -92,3 +92,28 @@ def test_concurrent_requests_each_get_their_own_session(
 
     assert all(state == {**states[0], "reused": False} for state in states)
     assert len({id(session) for session in probe.module.sessions}) == 16
+
+
+def test_connections_carry_the_server_side_timeouts(
+    pg: Engine, instances: Callable[..., Instance], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """statement_timeout and idle_in_transaction_session_timeout are set on every connection."""
+    monkeypatch.setenv("DB_STATEMENT_TIMEOUT", "7")
+    monkeypatch.setenv("DB_IDLE_IN_TRANSACTION_TIMEOUT", "11")
+    instance = instances()
+
+    with instance.database.engine.connect() as connection:
+        assert connection.exec_driver_sql("SHOW statement_timeout").scalar() == "7s"
+        assert (
+            connection.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "11s"
+        )
+
+
+def test_pool_size_follows_the_configuration(
+    pg: Engine, instances: Callable[..., Instance], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool is sized from THREADS unless DB_POOL_SIZE says otherwise, with pre-ping on."""
+    monkeypatch.setenv("THREADS", "6")
+    pool = instances().database.engine.pool
+    assert pool.size() == 6  # type: ignore[attr-defined]
+    assert pool._pre_ping
