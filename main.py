@@ -28,6 +28,18 @@ def users(request: flask.Request) -> flask.Response:
 
 
 @functions_framework.http
+def items(request: flask.Request) -> flask.Response:
+    """The items resource: ``/`` and ``/{id}``, also under ``/items``."""
+    return http.serve(request, database, routes.ITEMS)
+
+
+@functions_framework.http
+def transfers(request: flask.Request) -> flask.Response:
+    """The transfers resource: ``/`` and ``/{id}``, also under ``/transfers``."""
+    return http.serve(request, database, routes.TRANSFERS)
+
+
+@functions_framework.http
 def health(request: flask.Request) -> flask.Response:
     """``GET /`` (also ``/healthz``): 200 after a round trip to the database, else 503."""
     return http.serve(request, database, routes.HEALTH)

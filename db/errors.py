@@ -60,6 +60,9 @@ def sqlstate(error: BaseException) -> str | None:
         return code if isinstance(code, str) else None
     name = getattr(orig, "sqlite_errorname", None)
     if isinstance(name, str):
+        # SQLite reports an ON DELETE RESTRICT violation as a trigger failure.
+        if name == "SQLITE_CONSTRAINT_TRIGGER" and "FOREIGN KEY" in str(orig):
+            return "23503"
         return _SQLITE_SQLSTATES.get(name)
     return None
 

@@ -62,3 +62,27 @@ def test_concurrent_writes_on_sqlite_all_succeed(embedded: Instance) -> None:
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(write, range(8))) == [201] * 8
     assert len(embedded.client.get("/users").json["users"]) == 8
+
+
+def test_items_and_transfers_work_on_sqlite(embedded: Instance) -> None:
+    """Batches, idempotent transfers and the 409 for removing a user with transfers all work."""
+    client = embedded.client
+    ada = client.post("/users", json={"name": "Ada", "email": "a@x.io", "balance": 10}).json
+    bob = client.post("/users", json={"name": "Bob", "email": "b@x.io"}).json
+    batch = {"items": [{"owner_id": bob["id"], "name": "pen", "quantity": 1}] * 3}
+    assert client.post("/items", json=batch).status_code == 201
+    transfer = {"from_user_id": ada["id"], "to_user_id": bob["id"], "amount": 4}
+    assert (
+        client.post("/transfers", json=transfer, headers={"Idempotency-Key": "k"}).status_code
+        == 201
+    )
+    assert (
+        client.post("/transfers", json=transfer, headers={"Idempotency-Key": "k"}).headers[
+            "Idempotent-Replayed"
+        ]
+        == "true"
+    )
+
+    assert client.delete(f"/users/{ada['id']}").status_code == 409
+    assert client.get(f"/users/{ada['id']}").json["balance"] == 6
+    assert len(client.get(f"/items?owner_id={bob['id']}").json["items"]) == 3

@@ -1,7 +1,8 @@
 """From a Flask request to a response: route, parse, validate, run in the session scope, encode.
 
 Checks run in the contract's order: path (404), method (405), content type (415),
-body size (413), JSON syntax (400), field rules (422), then the database.
+body size (413), JSON syntax and the Idempotency-Key header (400), field rules (422),
+then the database.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from db.engine import Database
 from db.session import transaction
+from service import idempotency
 from web import errors
 from web.errors import Reply
 from web.logs import RequestContext, current_request
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
 
 
 @dataclass(frozen=True)
@@ -116,12 +119,33 @@ def _handle(request: flask.Request, database: Database, router: Router) -> Reply
     if endpoint is None:
         allowed = sorted(endpoints)
         raise errors.method_not_allowed([*allowed, "HEAD"] if "GET" in allowed else allowed)
+    body = _json_body(request) if endpoint.body else None
+    key = _idempotency_key(request) if method == "POST" else None
     call = Call(
         id=item_id,
-        body=endpoint.body(_json_body(request)) if endpoint.body else None,
+        body=endpoint.body(body) if endpoint.body else None,
         query=endpoint.query(request.args) if endpoint.query else None,
     )
-    return transaction(database, lambda session: endpoint.view(session, call))
+    if key is None:
+        return transaction(database, lambda session: endpoint.view(session, call))
+    digest = idempotency.fingerprint(method, request.path, body)
+    return transaction(
+        database, lambda session: _idempotent(session, key, digest, endpoint.view, call)
+    )
+
+
+def _idempotent(session: Session, key: str, digest: str, view: View, call: Call) -> Reply:
+    """Run ``view`` once per key: store its success with its effect, or replay what was stored."""
+    stored = idempotency.claim(session, key, digest)
+    if stored is not None:
+        return Reply(stored.status, stored.body, {**stored.headers, "Idempotent-Replayed": "true"})
+    reply = view(session, call)
+    if not 200 <= reply.status < 300:
+        raise RuntimeError(f"a view answered {reply.status} instead of raising")
+    idempotency.store(
+        session, key, idempotency.StoredResponse(reply.status, reply.body, reply.headers)
+    )
+    return reply
 
 
 def _route(router: Router, path: str) -> tuple[Resource, int | None]:
@@ -161,6 +185,13 @@ def _json_body(request: flask.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise errors.bad_request("the body must be a JSON object")
     return body
+
+
+def _idempotency_key(request: flask.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise errors.bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters")
+    return key
 
 
 def _reject_constant(name: str) -> None:

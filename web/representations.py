@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from db.models import User
+from db.models import Item, Transfer, User
 
 M = TypeVar("M")
 
@@ -34,3 +34,25 @@ def page(
     """A page of a listing; ``next_after`` is the last id when the page is full."""
     items = [represent(row) for row in rows]
     return {key: items, "next_after": items[-1]["id"] if len(items) == limit else None}
+
+
+def item(row: Item) -> dict[str, Any]:
+    """An item as the contract shows it."""
+    return {
+        "id": row.id,
+        "owner_id": row.owner_id,
+        "name": row.name,
+        "quantity": row.quantity,
+        "created_at": timestamp(row.created_at),
+    }
+
+
+def transfer(row: Transfer) -> dict[str, Any]:
+    """A transfer as the contract shows it."""
+    return {
+        "id": row.id,
+        "from_user_id": row.from_user_id,
+        "to_user_id": row.to_user_id,
+        "amount": row.amount,
+        "created_at": timestamp(row.created_at),
+    }

@@ -1,0 +1,67 @@
+"""Transfers: money moved between two balances atomically."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from db.models import MAX_BIGINT, Transfer, User, utcnow
+from service.errors import Conflict, InsufficientFunds, NotFound
+
+
+def create_transfer(
+    session: Session, *, from_user_id: int, to_user_id: int, amount: int
+) -> Transfer:
+    """Move ``amount`` from one user to another.
+
+    Both rows are locked FOR UPDATE in id order, so concurrent transfers queue
+    instead of deadlocking, and each sees the balances the previous one left.
+    Raises ``NotFound``, ``InsufficientFunds``, or ``Conflict`` when the
+    receiver's balance would pass 2^63-1.
+    """
+    locked = session.scalars(
+        select(User)
+        .where(User.id.in_((from_user_id, to_user_id)))
+        .order_by(User.id)
+        .with_for_update()
+    ).all()
+    by_id = {user.id: user for user in locked}
+    for user_id in (from_user_id, to_user_id):
+        if user_id not in by_id:
+            raise NotFound(f"user {user_id} not found")
+    sender, receiver = by_id[from_user_id], by_id[to_user_id]
+    if sender.balance < amount:
+        raise InsufficientFunds(f"user {from_user_id} has a balance below {amount}")
+    if receiver.balance > MAX_BIGINT - amount:
+        raise Conflict(f"the balance of user {to_user_id} would pass the maximum")
+
+    now = utcnow()
+    sender.balance -= amount
+    receiver.balance += amount
+    sender.updated_at = receiver.updated_at = now
+    transfer = Transfer(
+        from_user_id=from_user_id, to_user_id=to_user_id, amount=amount, created_at=now
+    )
+    session.add(transfer)
+    session.flush()
+    return transfer
+
+
+def get_transfer(session: Session, transfer_id: int) -> Transfer:
+    """The transfer with this id; raise ``NotFound`` when there is none."""
+    transfer = session.get(Transfer, transfer_id)
+    if transfer is None:
+        raise NotFound(f"transfer {transfer_id} not found")
+    return transfer
+
+
+def list_transfers(
+    session: Session, *, limit: int, after: int, user_id: int | None = None
+) -> Sequence[Transfer]:
+    """Up to ``limit`` transfers with ids above ``after``, ascending; ``user_id``: either side."""
+    query = select(Transfer).where(Transfer.id > after).order_by(Transfer.id).limit(limit)
+    if user_id is not None:
+        query = query.where(or_(Transfer.from_user_id == user_id, Transfer.to_user_id == user_id))
+    return session.scalars(query).all()
