@@ -5,6 +5,7 @@ It serves the real users resource too, so one warm instance can fail and then se
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import flask
@@ -21,6 +22,9 @@ from web.http import Call, Endpoint, Resource, Router
 database = Database()
 sessions: list[Session] = []  # every session a handler was given, to inspect afterwards
 held: list[Any] = []  # loaded rows kept alive across requests, as a careless cache would
+attempts: list[str] = []  # one entry per run of a retry handler: the thread's name
+backend_pids: list[int] = []  # server process of each run of /write, for tests to terminate
+meet: threading.Barrier | None = None  # where two requests wait for each other once
 
 
 def _new_user(email: str) -> User:
@@ -86,6 +90,51 @@ def autoflush(session: Session, call: Call) -> Reply:
     return Reply(200, {"found": found is not None})
 
 
+def serial_increment(session: Session, call: Call) -> Reply:
+    """Read a balance, meet the other request (first attempt only), then write it plus one.
+
+    Two of these at once under SERIALIZABLE force a real serialization failure on one.
+    """
+    session.execute(text("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
+    balance = session.scalar(text("SELECT balance FROM users WHERE id = :id"), {"id": call.query})
+    thread = threading.current_thread().name
+    attempts.append(thread)
+    if meet is not None and attempts.count(thread) == 1:
+        meet.wait(timeout=5)
+    session.execute(
+        text("UPDATE users SET balance = :balance WHERE id = :id"),
+        {"balance": balance + 1, "id": call.query},
+    )
+    return Reply(200, {"attempt": attempts.count(thread)})
+
+
+def always_conflicts(session: Session, call: Call) -> Reply:
+    """Fail with a real serialization failure (SQLSTATE 40001) on every attempt."""
+    attempts.append(threading.current_thread().name)
+    session.execute(
+        text("DO $$ BEGIN RAISE EXCEPTION 'forced' USING ERRCODE = 'serialization_failure'; END $$")
+    )
+    return Reply(200, {})
+
+
+def kill_once(session: Session, call: Call) -> Reply:
+    """Write a row; on the first attempt only, lose the connection before COMMIT."""
+    attempts.append(threading.current_thread().name)
+    session.add(_new_user("kill-once@example.com"))
+    session.flush()
+    if len(attempts) == 1:
+        session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+    return Reply(201, {"attempts": len(attempts)})
+
+
+def write(session: Session, call: Call) -> Reply:
+    """Write a row and record which server process holds the transaction."""
+    attempts.append(threading.current_thread().name)
+    backend_pids.append(int(session.scalar(text("SELECT pg_backend_pid()")) or 0))
+    session.add(_new_user("write@example.com"))
+    return Reply(201, {})
+
+
 def _one(method: str, view: http.View, **options: Any) -> Resource:
     return Resource(collection={method: Endpoint(view, **options)})
 
@@ -99,6 +148,10 @@ ROUTER = Router(
         "commit-fails": _one("POST", commit_fails),
         "kill-connection": _one("POST", kill_connection),
         "autoflush": _one("POST", autoflush),
+        "serial-increment": _one("POST", serial_increment, query=lambda args: int(args["id"])),
+        "always-conflicts": _one("POST", always_conflicts),
+        "kill-once": _one("POST", kill_once),
+        "write": _one("POST", write),
     }
 )
 
