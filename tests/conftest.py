@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
@@ -45,7 +45,7 @@ class Instance:
 
     client: FlaskClient
     database: Database
-    module: ModuleType
+    module: Any  # the entry point module, with its scenario state
 
 
 @pytest.fixture(autouse=True)

@@ -35,7 +35,7 @@ def two_users(api: Instance, balance: int = 100) -> tuple[int, int]:
 def test_replay_returns_the_stored_response_without_a_second_effect(
     api: Instance, pg: Engine
 ) -> None:
-    """The same key, method, path and body get the first status, body and Location, marked replayed."""
+    """Same key, method, path and body: the first status, body and Location, marked replayed."""
     body = {"name": "Ada", "email": "ada@example.com"}
     first = api.client.post("/users", json=body, headers={"Idempotency-Key": "create-ada"})
     again = api.client.post("/users", json=body, headers={"Idempotency-Key": "create-ada"})

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from flask.testing import FlaskClient
 from sqlalchemy import Engine, event, text
 
 from tests.conftest import Instance
@@ -91,7 +90,7 @@ def test_batch_with_one_bad_item_at_the_end_stores_nothing(
 
 
 def test_batch_with_a_missing_owner_stores_nothing(api: Instance, owner: int, pg: Engine) -> None:
-    """An owner that does not exist (known only to the database) is a 404 naming the index; all or nothing."""
+    """A missing owner (only the database knows) is a 404 naming the index; nothing is kept."""
     body = batch(owner, 1000)
     body["items"][500]["owner_id"] = owner + 1000
 
@@ -118,7 +117,7 @@ def test_single_item_with_a_missing_owner_is_404(api: Instance, pg: Engine) -> N
         ({"items": "pens"}, ["items"]),
         ({"items": None}, ["items"]),
         ({"items": [{"owner_id": 1, "name": "x", "quantity": 1}] * 1001}, ["items"]),
-        ({"items": [{"owner_id": 1, "name": "x", "quantity": 1, "color": "red"}]}, ["items", 0, "color"]),
+        ({"items": [{"owner_id": 1, "name": "x", "quantity": 1, "c": 1}]}, ["items", 0, "c"]),
         ({"items": [{"owner_id": 1, "name": "x", "quantity": 1}], "extra": 1}, ["extra"]),
         ({"owner_id": 1, "name": "x", "quantity": MAX_INT + 1}, ["quantity"]),
         ({"owner_id": 1, "name": "x", "quantity": -1}, ["quantity"]),
@@ -175,7 +174,7 @@ def test_list_items_rejects_bad_parameters(api: Instance, query: str) -> None:
     response = api.client.get(f"/items?{query}")
 
     assert response.status_code == 422
-    assert response.json["error"]["details"][0]["loc"] == ["query", query.split("=")[0]]
+    assert response.json["error"]["details"][0]["loc"] == ["query", query.split("=", maxsplit=1)[0]]
 
 
 def test_get_unknown_item_is_404(api: Instance) -> None:

@@ -44,7 +44,7 @@ def test_serialization_failure_is_retried_and_both_transactions_succeed(
 
 
 def test_handler_that_keeps_failing_ends_in_503_after_bounded_attempts(probe: Instance) -> None:
-    """A serialization failure on every attempt is tried MAX_ATTEMPTS times, then 503 with Retry-After."""
+    """A serialization failure every time: MAX_ATTEMPTS tries, then 503 with Retry-After."""
     response = probe.client.post("/always-conflicts")
 
     assert response.status_code == 503
