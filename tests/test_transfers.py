@@ -163,7 +163,7 @@ def test_user_with_transfers_cannot_be_removed(api: Instance) -> None:
 def test_concurrent_random_transfers_keep_every_balance_consistent(
     pg: Engine, instances: Callable[..., Instance], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """8 threads x 200 random transfers among 10 users on two instances: nothing lost or negative."""
+    """8 threads x 200 random transfers among 10 users, two instances: nothing lost or negative."""
     monkeypatch.setenv("DB_POOL_SIZE", "4")
     first, second = instances(), instances()
     users = [make_user(first, f"u{i}@x.io", 1_000) for i in range(10)]
