@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 from functions_framework import create_app
 from sqlalchemy import Engine, create_engine, text
@@ -43,6 +44,7 @@ CREATE CONSTRAINT TRIGGER commit_probe_refuse AFTER INSERT ON commit_probe
 class Instance:
     """One function instance: its test client, its per-instance Database and its module."""
 
+    app: Flask
     client: FlaskClient
     database: Database
     module: Any  # the entry point module, with its scenario state
@@ -84,7 +86,7 @@ def database_url(postgres: PostgresServer) -> URL:
 @pytest.fixture(scope="session")
 def outside(database_url: URL) -> Iterator[Engine]:
     """An engine for the tests' own SQL, outside any instance of the service."""
-    engine = create_engine(database_url, poolclass=NullPool)
+    engine = create_engine(database_url, pool_size=2, pool_pre_ping=True)
     yield engine
     engine.dispose()
 
@@ -110,7 +112,7 @@ def instances() -> Iterator[Callable[..., Instance]]:
     def start(target: str = "api", source: Path = MAIN) -> Instance:
         app = create_app(target, str(source))  # type: ignore[no-untyped-call]
         module = sys.modules[source.stem]
-        instance = Instance(app.test_client(), module.database, module)
+        instance = Instance(app, app.test_client(), module.database, module)
         started.append(instance)
         return instance
 
