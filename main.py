@@ -6,8 +6,6 @@ This module only wires requests to ``web.http.serve``. The instance's database
 
 from __future__ import annotations
 
-import atexit
-
 import flask
 import functions_framework
 from werkzeug.exceptions import HTTPException
@@ -18,7 +16,7 @@ from web.logs import configure_logging
 
 configure_logging()
 database = Database()
-atexit.register(database.dispose)
+database.dispose_on_shutdown()
 
 
 @functions_framework.http

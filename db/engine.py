@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import signal
 import threading
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, orm
@@ -53,6 +57,30 @@ class Database:
             engine.dispose()
         if connector is not None:
             connector.close()
+        if engine is not None:
+            log.info("database disposed")
+
+    def dispose_on_shutdown(self) -> None:
+        """Dispose at interpreter exit and on SIGTERM; SIGTERM then does what it did before.
+
+        gunicorn (functions-framework's server) installs its own SIGTERM handler in each
+        worker after loading the app and exits the worker through ``sys.exit``: there the
+        exit hook does the work.
+        """
+        atexit.register(self.dispose)
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            self.dispose()
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
 
     def _built(self) -> tuple[Engine, orm.sessionmaker[Session]]:
         engine, factory = self._engine, self._sessionmaker
@@ -103,6 +131,8 @@ def _postgresql_engine(settings: Settings) -> tuple[Engine, Any]:
         },
         # A socket read never outlives the statement it waits for by much.
         "timeout": settings.statement_timeout + 10,
+        # Names the function in pg_stat_activity; Cloud Run sets K_SERVICE.
+        "application_name": os.environ.get("K_SERVICE", "cloud-function")[:63],
     }
     if settings.cloud_sql is None:
         return create_engine(

@@ -24,7 +24,7 @@ from db.session import transaction
 from service import idempotency
 from web import errors
 from web.errors import Reply
-from web.logs import RequestContext, current_request
+from web.logs import current_request, request_context
 from web.schemas import path_id
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,16 @@ class Router:
 def serve(request: flask.Request, database: Database, router: Router) -> flask.Response:
     """Answer one request; every outcome, including unexpected errors, is a JSON response."""
     started = time.perf_counter()
-    context = RequestContext(request_id=_request_id(request))
+    context = request_context(_request_id(request), request.headers)
     token = current_request.set(context)
     try:
         try:
             reply = _handle(request, database, router)
         except Exception as error:  # noqa: BLE001  # every failure becomes the contract's error body
             reply = errors.error_reply(error)
-        log.info(
+        latency = time.perf_counter() - started
+        log.log(
+            logging.WARNING if reply.status >= 500 else logging.INFO,
             "%s %s %d",
             request.method,
             request.path,
@@ -90,7 +92,15 @@ def serve(request: flask.Request, database: Database, router: Router) -> flask.R
                 "method": request.method,
                 "path": request.path,
                 "status": reply.status,
-                "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+                "latency_ms": round(latency * 1000, 2),
+                # Cloud Logging shows this as the request line of the entry.
+                "httpRequest": {
+                    "requestMethod": request.method,
+                    "requestUrl": request.path,
+                    "status": reply.status,
+                    "latency": f"{latency:.6f}s",
+                    "userAgent": request.headers.get("User-Agent", ""),
+                },
             },
         )
         return encode(reply, context.request_id)

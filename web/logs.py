@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import sys
+from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+from werkzeug.datastructures import Headers
 
 from db.config import ConfigError, log_level
 
@@ -22,7 +27,32 @@ class RequestContext:
     """What every log line of one request carries."""
 
     request_id: str
-    trace: str | None = None
+    trace: str | None = None  # projects/PROJECT/traces/TRACE_ID
+    span_id: str | None = None
+    sampled: bool = False
+
+
+_CLOUD_TRACE = re.compile(r"^([0-9a-fA-F]{32})(?:/([0-9]{1,20}))?(?:;o=([01]))?$")
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def project_id() -> str | None:
+    """The Google Cloud project, as the runtime or deploy.sh sets it in the environment."""
+    return os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("GCP_PROJECT") or None
+
+
+def request_context(request_id: str, headers: Mapping[str, str] | Headers) -> RequestContext:
+    """A request's log context: its id, and its trace (X-Cloud-Trace-Context or traceparent)."""
+    project = project_id()
+    trace_id = span_id = None
+    sampled = False
+    if match := _CLOUD_TRACE.match(headers.get("X-Cloud-Trace-Context", "").strip()):
+        trace_id, span_id, sampled = match[1].lower(), match[2], match[3] == "1"
+    elif match := _TRACEPARENT.match(headers.get("traceparent", "").strip()):
+        trace_id, span_id, sampled = match[1], match[2], int(match[3], 16) & 1 == 1
+    if trace_id is None or project is None or trace_id == "0" * 32:
+        return RequestContext(request_id)
+    return RequestContext(request_id, f"projects/{project}/traces/{trace_id}", span_id, sampled)
 
 
 current_request: ContextVar[RequestContext | None] = ContextVar("current_request", default=None)
@@ -50,6 +80,9 @@ class JsonFormatter(logging.Formatter):
             entry["request_id"] = context.request_id
             if context.trace:
                 entry["logging.googleapis.com/trace"] = context.trace
+                entry["logging.googleapis.com/trace_sampled"] = context.sampled
+                if context.span_id:
+                    entry["logging.googleapis.com/spanId"] = context.span_id
         for key, value in vars(record).items():
             if key not in _STANDARD_ATTRIBUTES and not key.startswith("_"):
                 entry[key] = value
