@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
@@ -57,14 +57,12 @@ class FakeConnector:
 
 
 @pytest.fixture
-def fake_connector(
-    database_url: URL, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[type[FakeConnector]]:
+def fake_connector(database_url: URL, monkeypatch: pytest.MonkeyPatch) -> type[FakeConnector]:
     """Replace the Cloud SQL connector class with the stand-in."""
     FakeConnector.instances = []
     FakeConnector.server = database_url
     monkeypatch.setattr(db.cloudsql, "Connector", FakeConnector)
-    yield FakeConnector
+    return FakeConnector
 
 
 @pytest.fixture
@@ -116,7 +114,7 @@ def test_private_ip_and_iam_authentication_reach_the_connector(
     instances: Callable[..., Instance],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """DB_IP_TYPE and DB_IAM_AUTH become the connector's ip_type and IAM flag; no password is sent."""
+    """DB_IP_TYPE and DB_IAM_AUTH reach the connector as ip_type and IAM flag; no password."""
     monkeypatch.setenv("DB_IP_TYPE", "PRIVATE")
     monkeypatch.setenv("DB_IAM_AUTH", "true")
     monkeypatch.delenv("DB_PASS")
