@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# Deploy the HTTP functions as 2nd gen Cloud Functions: one `gcloud functions deploy` each.
+#
+# Usage: ./deploy.sh [--dry-run] [--migrate] [--allow-unauthenticated] [FUNCTION ...]
+#   FUNCTION               users, items, transfers, health, api (default: all five)
+#   --dry-run              print every command, run none
+#   --migrate              first run `python -m db upgrade` through the Cloud SQL connector
+#   --allow-unauthenticated  let anyone call the functions (default: IAM callers only)
+#
+# Settings, from the environment (README.md, "Deploying"):
+#   PROJECT_ID, REGION                  where to deploy
+#   INSTANCE_CONNECTION_NAME            project:region:instance of the Cloud SQL instance
+#   DB_NAME, DB_USER                    database and user
+#   SERVICE_ACCOUNT                     the functions' own service account (email)
+#   DB_PASS_SECRET                      Secret Manager secret with the password (NAME or NAME:VERSION),
+#                                       unless DB_IAM_AUTH=true
+#   DB_IAM_AUTH=false  DB_IP_TYPE=PUBLIC  CONCURRENCY=8  DB_MAX_OVERFLOW=0  CPU=1  MEMORY=512Mi
+#   TIMEOUT=60s  RUNTIME=python312  LOG_LEVEL=INFO  VPC_CONNECTOR=(none)
+#   DB_MAX_CONNECTIONS=100  DB_RESERVED_CONNECTIONS=10   the connection budget for --max-instances
+# The password itself is never read from the environment and never passed as a plain variable.
+set -euo pipefail
+cd "$(dirname "$0")"
+# A password in the deployer's shell must not reach gcloud or the functions by accident.
+unset DB_PASS
+
+ALL_FUNCTIONS=(users items transfers health api)
+
+fail() {
+  echo "deploy.sh: $*" >&2
+  exit 2
+}
+
+dry_run=false
+migrate=false
+access="--no-allow-unauthenticated"
+functions=()
+for argument in "$@"; do
+  case "$argument" in
+    --dry-run) dry_run=true ;;
+    --migrate) migrate=true ;;
+    --allow-unauthenticated) access="--allow-unauthenticated" ;;
+    -h | --help)
+      sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+      exit 0
+      ;;
+    -*) fail "unknown option $argument (see --help)" ;;
+    users | items | transfers | health | api)
+      for chosen in "${functions[@]}"; do
+        [[ "$chosen" != "$argument" ]] || fail "$argument is named twice"
+      done
+      functions+=("$argument")
+      ;;
+    *) fail "unknown function '$argument'; choose from: ${ALL_FUNCTIONS[*]}" ;;
+  esac
+done
+if [[ ${#functions[@]} -eq 0 ]]; then
+  functions=("${ALL_FUNCTIONS[@]}")
+fi
+
+# Settings: every problem is reported before anything runs.
+problems=()
+require() {
+  [[ -n "${!1:-}" ]] || problems+=("$1 is not set")
+}
+whole_number() { # name, minimum
+  [[ "${!1}" =~ ^[0-9]+$ ]] && ((10#${!1} >= $2)) || problems+=("$1 must be a whole number of at least $2, got '${!1}'")
+}
+for name in PROJECT_ID REGION INSTANCE_CONNECTION_NAME DB_NAME DB_USER SERVICE_ACCOUNT; do
+  require "$name"
+done
+DB_IAM_AUTH=${DB_IAM_AUTH:-false}
+DB_IP_TYPE=${DB_IP_TYPE:-PUBLIC}
+CONCURRENCY=${CONCURRENCY:-8}
+DB_MAX_OVERFLOW=${DB_MAX_OVERFLOW:-0}
+CPU=${CPU:-1}
+MEMORY=${MEMORY:-512Mi}
+TIMEOUT=${TIMEOUT:-60s}
+RUNTIME=${RUNTIME:-python312}
+LOG_LEVEL=${LOG_LEVEL:-INFO}
+DB_MAX_CONNECTIONS=${DB_MAX_CONNECTIONS:-100}
+DB_RESERVED_CONNECTIONS=${DB_RESERVED_CONNECTIONS:-10}
+DB_PASS_SECRET=${DB_PASS_SECRET:-}
+VPC_CONNECTOR=${VPC_CONNECTOR:-}
+
+if [[ -n "${INSTANCE_CONNECTION_NAME:-}" && ! "$INSTANCE_CONNECTION_NAME" =~ ^([a-z0-9.-]+:)?[a-z0-9-]+:[a-z0-9-]+:[a-z0-9-]+$ ]]; then
+  problems+=("INSTANCE_CONNECTION_NAME must look like project:region:instance, got '$INSTANCE_CONNECTION_NAME'")
+fi
+if [[ -n "${SERVICE_ACCOUNT:-}" && ! "$SERVICE_ACCOUNT" =~ ^[^@[:space:]]+@[^@[:space:]]+$ ]]; then
+  problems+=("SERVICE_ACCOUNT must be a service account email, got '$SERVICE_ACCOUNT'")
+fi
+case "$DB_IAM_AUTH" in
+  true)
+    [[ -z "$DB_PASS_SECRET" ]] || problems+=("DB_PASS_SECRET must not be set when DB_IAM_AUTH=true")
+    ;;
+  false)
+    [[ -n "$DB_PASS_SECRET" ]] || problems+=("DB_PASS_SECRET is not set (or set DB_IAM_AUTH=true)")
+    ;;
+  *) problems+=("DB_IAM_AUTH must be true or false, got '$DB_IAM_AUTH'") ;;
+esac
+case "$DB_IP_TYPE" in
+  PUBLIC | PRIVATE | PSC) ;;
+  *) problems+=("DB_IP_TYPE must be PUBLIC, PRIVATE or PSC, got '$DB_IP_TYPE'") ;;
+esac
+case "$LOG_LEVEL" in
+  DEBUG | INFO | WARNING | ERROR) ;;
+  *) problems+=("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got '$LOG_LEVEL'") ;;
+esac
+whole_number CONCURRENCY 1
+whole_number DB_MAX_OVERFLOW 0
+whole_number DB_MAX_CONNECTIONS 1
+whole_number DB_RESERVED_CONNECTIONS 0
+[[ "$CPU" =~ ^[0-9]+(\.[0-9]+)?$ ]] || problems+=("CPU must be a number of vCPUs, got '$CPU'")
+if [[ "$CPU" =~ ^0 && "$CONCURRENCY" != 1 ]]; then
+  problems+=("CONCURRENCY above 1 needs CPU of at least 1, got CPU=$CPU")
+fi
+if [[ ${#problems[@]} -gt 0 ]]; then
+  printf 'deploy.sh: %s\n' "${problems[@]}" >&2
+  exit 2
+fi
+if ! $dry_run && ! command -v gcloud >/dev/null 2>&1; then
+  fail "gcloud is not on PATH; install the Google Cloud CLI"
+fi
+
+# Every instance may hold pool + overflow connections, and every function scales on its own:
+# the functions deployed here share what the Cloud SQL instance allows, less a reserve.
+per_instance=$((CONCURRENCY + DB_MAX_OVERFLOW))
+budget=$((DB_MAX_CONNECTIONS - DB_RESERVED_CONNECTIONS))
+max_instances=$((budget / per_instance / ${#functions[@]}))
+echo "connection budget: ($DB_MAX_CONNECTIONS max_connections - $DB_RESERVED_CONNECTIONS reserved)" \
+  "/ ($CONCURRENCY pool + $DB_MAX_OVERFLOW overflow per instance) / ${#functions[@]} functions" \
+  "= --max-instances=$max_instances per function"
+if ((max_instances < 1)); then
+  fail "the connection budget allows no instance; raise DB_MAX_CONNECTIONS or lower CONCURRENCY"
+fi
+
+show() {
+  printf '+'
+  printf ' %q' "$@"
+  printf '\n'
+}
+
+run() {
+  show "$@"
+  if ! $dry_run; then
+    "$@"
+  fi
+}
+
+secret_name=${DB_PASS_SECRET%%:*}
+secret_version=latest
+if [[ "$DB_PASS_SECRET" == *:* ]]; then
+  secret_version=${DB_PASS_SECRET#*:}
+fi
+
+if $migrate; then
+  python=${PYTHON:-.venv/bin/python}
+  [[ -x "$python" ]] || python=python3
+  echo "migrating the schema through the Cloud SQL connector"
+  migration_env=(INSTANCE_CONNECTION_NAME="$INSTANCE_CONNECTION_NAME" DB_USER="$DB_USER"
+    DB_NAME="$DB_NAME" DB_IP_TYPE="$DB_IP_TYPE" DB_IAM_AUTH="$DB_IAM_AUTH")
+  if [[ "$DB_IAM_AUTH" == false ]]; then
+    fetch=(gcloud secrets versions access "$secret_version" --secret="$secret_name" --project="$PROJECT_ID")
+    show "${fetch[@]}"
+    if ! $dry_run; then
+      # Captured, never printed: it reaches only the migration's environment.
+      password=$("${fetch[@]}")
+      migration_env+=(DB_PASS="$password")
+    fi
+  fi
+  show "$python" -m db upgrade
+  if ! $dry_run; then
+    env "${migration_env[@]}" "$python" -m db upgrade
+  fi
+  unset password migration_env
+fi
+
+env_vars="INSTANCE_CONNECTION_NAME=$INSTANCE_CONNECTION_NAME,DB_USER=$DB_USER,DB_NAME=$DB_NAME"
+env_vars+=",DB_IP_TYPE=$DB_IP_TYPE,DB_IAM_AUTH=$DB_IAM_AUTH,DB_POOL_SIZE=$CONCURRENCY"
+env_vars+=",DB_MAX_OVERFLOW=$DB_MAX_OVERFLOW,THREADS=$CONCURRENCY,LOG_LEVEL=$LOG_LEVEL"
+env_vars+=",GOOGLE_CLOUD_PROJECT=$PROJECT_ID"
+
+for function in "${functions[@]}"; do
+  command=(gcloud functions deploy "$function"
+    --gen2
+    --project="$PROJECT_ID"
+    --region="$REGION"
+    --runtime="$RUNTIME"
+    --source=.
+    --entry-point="$function"
+    --trigger-http
+    "$access"
+    --service-account="$SERVICE_ACCOUNT"
+    --set-env-vars="$env_vars"
+    --concurrency="$CONCURRENCY"
+    --cpu="$CPU"
+    --memory="$MEMORY"
+    --timeout="$TIMEOUT"
+    --max-instances="$max_instances"
+    --quiet)
+  if [[ "$DB_IAM_AUTH" == false ]]; then
+    command+=(--set-secrets="DB_PASS=$secret_name:$secret_version")
+  fi
+  if [[ -n "$VPC_CONNECTOR" ]]; then
+    command+=(--vpc-connector="$VPC_CONNECTOR")
+  fi
+  run "${command[@]}"
+done
