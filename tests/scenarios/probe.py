@@ -18,7 +18,9 @@ from db.models import User, utcnow
 from web import http, users
 from web.errors import Reply
 from web.http import Call, Endpoint, Resource, Router
+from web.logs import configure_logging
 
+configure_logging()
 database = Database()
 sessions: list[Session] = []  # every session a handler was given, to inspect afterwards
 held: list[Any] = []  # loaded rows kept alive across requests, as a careless cache would
