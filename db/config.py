@@ -16,6 +16,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 IpType = Literal["PUBLIC", "PRIVATE", "PSC"]
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SQLITE_FILE = "app.db"
 
@@ -51,6 +52,7 @@ class Settings:
 
     url: URL
     cloud_sql: CloudSqlSettings | None
+    ssl_mode: str  # libpq's sslmode, from DATABASE_URL's query; "prefer" by default
     pool_size: int
     max_overflow: int
     pool_timeout: float
@@ -75,16 +77,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("set DATABASE_URL or INSTANCE_CONNECTION_NAME, not both")
 
     cloud_sql = _cloud_sql_settings(env, instance) if instance else None
+    ssl_mode = "prefer"
     if cloud_sql is not None:
         url = URL.create("postgresql+pg8000", database=cloud_sql.database)
     elif database_url:
-        url = _database_url(database_url)
+        url, ssl_mode = _database_url(database_url)
     else:
         url = URL.create("sqlite", database=SQLITE_FILE)
 
     return Settings(
         url=url,
         cloud_sql=cloud_sql,
+        ssl_mode=ssl_mode,
         pool_size=env.integer("DB_POOL_SIZE", default=request_threads(raw_environ), minimum=1),
         max_overflow=env.integer("DB_MAX_OVERFLOW", default=0, minimum=0),
         pool_timeout=env.seconds("DB_POOL_TIMEOUT", default=5.0),
@@ -110,7 +114,7 @@ def log_level(environ: Mapping[str, str] | None = None) -> str:
     return level
 
 
-def _database_url(raw: str) -> URL:
+def _database_url(raw: str) -> tuple[URL, str]:
     try:
         url = make_url(raw)
     except ArgumentError:
@@ -122,7 +126,11 @@ def _database_url(raw: str) -> URL:
         raise ConfigError("DATABASE_URL must name a PostgreSQL or SQLite database")
     if url.get_backend_name() == "postgresql" and url.get_driver_name() != "pg8000":
         raise ConfigError("DATABASE_URL must use the pg8000 driver (postgresql+pg8000://...)")
-    return url
+    # pg8000 takes no sslmode; the engine turns it into an SSL context (db/engine.py).
+    ssl_mode = url.query.get("sslmode", "prefer")
+    if not isinstance(ssl_mode, str) or ssl_mode not in SSL_MODES:
+        raise ConfigError(f"DATABASE_URL's sslmode must be one of {', '.join(SSL_MODES)}")
+    return url.difference_update_query(["sslmode"]), ssl_mode
 
 
 def _cloud_sql_settings(env: _Env, instance: str) -> CloudSqlSettings:

@@ -6,6 +6,8 @@ import atexit
 import logging
 import os
 import signal
+import socket
+import ssl
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -134,15 +136,60 @@ def _postgresql_engine(settings: Settings) -> tuple[Engine, Any]:
         # Names the function in pg_stat_activity; Cloud Run sets K_SERVICE.
         "application_name": os.environ.get("K_SERVICE", "cloud-function")[:63],
     }
+    connector = None
     if settings.cloud_sql is None:
-        return create_engine(
-            settings.url, connect_args=connect_args, **_pool_arguments(settings)
-        ), None
+        engine = create_engine(settings.url, connect_args=connect_args, **_pool_arguments(settings))
+        event.listen(engine, "do_connect", _TlsNegotiation(settings.ssl_mode).connect)
+    else:
+        from db.cloudsql import connector_creator  # noqa: PLC0415  # Google's client loads only here
 
-    from db.cloudsql import connector_creator  # noqa: PLC0415  # Google's client loads only here
+        creator, connector = connector_creator(settings.cloud_sql, connect_args)
+        engine = create_engine(settings.url, creator=creator, **_pool_arguments(settings))
+    event.listen(engine, "connect", _disable_nagle)
+    return engine, connector
 
-    creator, connector = connector_creator(settings.cloud_sql, connect_args)
-    return create_engine(settings.url, creator=creator, **_pool_arguments(settings)), connector
+
+def _disable_nagle(dbapi_connection: Any, _record: Any) -> None:
+    """Send each message at once.
+
+    pg8000 leaves Nagle's algorithm on: a message that overflows its write buffer
+    waits for the server's delayed ACK, about 40 ms, as in a large multi-row INSERT.
+    """
+    sock = getattr(dbapi_connection, "_usock", None)
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _TlsNegotiation:
+    """TLS for one server, decided once per engine.
+
+    Left to itself, pg8000 builds a new SSL context (loading the CA bundle) on every
+    connect. Here the context is built once; with ``prefer`` or ``allow`` (libpq's
+    default, and pg8000's), the first connection learns whether the server speaks TLS
+    and the following ones go straight to it or straight to plaintext.
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.context: ssl.SSLContext | bool = False
+        if mode != "disable":
+            self.context = ssl.create_default_context()
+            if mode != "verify-full":
+                self.context.check_hostname = False
+            if mode in ("allow", "prefer", "require"):
+                self.context.verify_mode = ssl.CERT_NONE
+        self.server_refused = False
+
+    def connect(self, dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+        if self.mode in ("allow", "prefer") and self.server_refused:
+            return dialect.connect(*cargs, **cparams, ssl_context=False)
+        try:
+            return dialect.connect(*cargs, **cparams, ssl_context=self.context)
+        except dialect.loaded_dbapi.InterfaceError as error:
+            if self.mode not in ("allow", "prefer") or "refuses SSL" not in str(error):
+                raise
+        self.server_refused = True
+        return dialect.connect(*cargs, **cparams, ssl_context=False)
 
 
 def _sqlite_engine(settings: Settings) -> Engine:

@@ -1,0 +1,101 @@
+"""How connections are opened: TCP_NODELAY on, and one SSL context per engine, not per connect."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.engine import URL
+
+from db.config import ConfigError, load_settings
+from tests.conftest import Instance
+
+
+@pytest.fixture
+def contexts_built(monkeypatch: pytest.MonkeyPatch) -> list[ssl.SSLContext]:
+    """Every SSL context built through ssl.create_default_context (pg8000's way, and ours)."""
+    built: list[ssl.SSLContext] = []
+    real = ssl.create_default_context
+
+    def counting(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        context = real(*args, **kwargs)
+        built.append(context)
+        return context
+
+    monkeypatch.setattr(ssl, "create_default_context", counting)
+    return built
+
+
+def _open_connections(instance: Instance, count: int) -> list[Any]:
+    connections = [instance.database.engine.connect() for _ in range(count)]
+    sockets = [c.connection.dbapi_connection._usock for c in connections]  # type: ignore[union-attr]
+    for connection in connections:
+        connection.close()
+    return sockets
+
+
+def test_every_connection_sends_without_nagle_delay(
+    pg: Engine, instances: Callable[..., Instance]
+) -> None:
+    """TCP_NODELAY is set on each pooled connection's socket."""
+    for sock in _open_connections(instances(), 3):
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_ssl_context_is_built_once_per_engine_not_per_connect(
+    pg: Engine, instances: Callable[..., Instance], contexts_built: list[ssl.SSLContext]
+) -> None:
+    """Five connections build one SSL context; after the server refused TLS once, none is asked."""
+    instance = instances()
+
+    _open_connections(instance, 5)
+
+    assert len(contexts_built) == 1
+    assert instance.client.get("/healthz").status_code == 200
+
+
+def test_sslmode_disable_builds_no_context(
+    instances: Callable[..., Instance],
+    database_url: URL,
+    contexts_built: list[ssl.SSLContext],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """?sslmode=disable connects in plaintext without building any SSL context."""
+    url = database_url.update_query_dict({"sslmode": "disable"})
+    monkeypatch.setenv("DATABASE_URL", url.render_as_string(hide_password=False))
+
+    instance = instances()
+    _open_connections(instance, 2)
+
+    assert contexts_built == []
+
+
+def test_sslmode_require_refuses_a_server_without_tls(
+    instances: Callable[..., Instance], database_url: URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """?sslmode=require never falls back to plaintext: the health check says 503."""
+    url = database_url.update_query_dict({"sslmode": "require"})
+    monkeypatch.setenv("DATABASE_URL", url.render_as_string(hide_password=False))
+    monkeypatch.setenv("DB_POOL_TIMEOUT", "1")
+
+    assert instances().client.get("/healthz").status_code == 503
+
+
+@pytest.mark.parametrize(
+    "mode", ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+)
+def test_sslmode_is_read_from_the_url_and_removed_from_it(mode: str) -> None:
+    """sslmode is taken out of DATABASE_URL (pg8000 has no such argument) and kept."""
+    settings = load_settings({"DATABASE_URL": f"postgresql://u:p@db/app?sslmode={mode}"})
+    assert settings.ssl_mode == mode
+    assert "sslmode" not in settings.url.query
+
+
+def test_unknown_sslmode_is_a_configuration_error() -> None:
+    """A misspelt sslmode names DATABASE_URL, without echoing it."""
+    with pytest.raises(ConfigError, match="DATABASE_URL's sslmode"):
+        load_settings({"DATABASE_URL": "postgresql://u:secret@db/app?sslmode=on"})
