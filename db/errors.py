@@ -71,6 +71,8 @@ def classify(error: BaseException) -> Failure:
     """Sort an exception raised while talking to the database."""
     if isinstance(error, CommitOutcomeUnknown | sa_exc.TimeoutError | sa_exc.DisconnectionError):
         return Failure.UNAVAILABLE
+    if lost_connection(error):
+        return Failure.UNAVAILABLE
     if not isinstance(error, sa_exc.DBAPIError):
         return Failure.OTHER
     code = sqlstate(error)
@@ -92,5 +94,12 @@ def classify(error: BaseException) -> Failure:
 
 
 def lost_connection(error: BaseException) -> bool:
-    """True when the connection dropped: the server never saw the rest of the transaction."""
-    return isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
+    """True when the connection dropped: the server never saw the rest of the transaction.
+
+    pg8000 wraps most socket errors in its InterfaceError, but a reset met on the first
+    read of a message escapes as a bare ``OSError`` (``ConnectionResetError``), which
+    SQLAlchemy does not recognise as a disconnect.
+    """
+    if isinstance(error, sa_exc.DBAPIError):
+        return error.connection_invalidated
+    return isinstance(error, OSError)

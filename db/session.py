@@ -45,7 +45,7 @@ def transaction(
     while True:
         try:
             return _attempt(database, work)
-        except DBAPIError as error:
+        except (DBAPIError, OSError) as error:
             if attempt >= max_attempts or not _retryable(error):
                 raise
             log.warning(
@@ -56,7 +56,7 @@ def transaction(
         attempt += 1
 
 
-def _retryable(error: DBAPIError) -> bool:
+def _retryable(error: DBAPIError | OSError) -> bool:
     return classify(error) is Failure.TRANSIENT or lost_connection(error)
 
 
@@ -77,7 +77,7 @@ def _attempt(database: Database, work: Callable[[Session], T]) -> T:
 def _commit(session: Session) -> None:
     try:
         session.commit()
-    except DBAPIError as error:
+    except (DBAPIError, OSError) as error:
         if lost_connection(error):
             raise CommitOutcomeUnknown("connection lost during COMMIT") from error
         raise

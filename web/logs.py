@@ -91,6 +91,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+class DeadConnectionNoise(logging.Filter):
+    """Reports SQLAlchemy's pool failing to close or reset a connection as WARNING, not ERROR.
+
+    Those failures come from sockets the server already dropped (a restart, a killed
+    backend); the connection is discarded either way, and each affected request logs
+    its own outcome.
+    """
+
+    MESSAGES = ("Exception closing connection", "Exception during reset or similar")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and str(record.msg).startswith(self.MESSAGES):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def configure_logging() -> None:
     """Send every log record as JSON to stdout; called once, when ``main`` is imported."""
     try:
@@ -102,6 +118,7 @@ def configure_logging() -> None:
         problem = None
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(DeadConnectionNoise())
     root = logging.getLogger()
     for existing in [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]:
         root.removeHandler(existing)

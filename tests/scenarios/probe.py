@@ -6,6 +6,7 @@ It serves the real users resource too, so one warm instance can fail and then se
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import flask
@@ -137,6 +138,21 @@ def write(session: Session, call: Call) -> Reply:
     return Reply(201, {})
 
 
+def sleep(session: Session, call: Call) -> Reply:
+    """Spend the given number of seconds inside one statement on the server."""
+    session.execute(text("SELECT pg_sleep(:seconds)"), {"seconds": call.query})
+    return Reply(200, {})
+
+
+def hold(session: Session, call: Call) -> Reply:
+    """Change a user's balance, then keep the transaction open (idle on the server) for 30 s."""
+    session.execute(
+        text("UPDATE users SET balance = balance + 1 WHERE id = :id"), {"id": call.query}
+    )
+    time.sleep(30)
+    return Reply(200, {})
+
+
 def _one(method: str, view: http.View, **options: Any) -> Resource:
     return Resource(collection={method: Endpoint(view, **options)})
 
@@ -154,6 +170,8 @@ ROUTER = Router(
         "always-conflicts": _one("POST", always_conflicts),
         "kill-once": _one("POST", kill_once),
         "write": _one("POST", write),
+        "sleep": _one("POST", sleep, query=lambda args: float(args["seconds"])),
+        "hold": _one("POST", hold, query=lambda args: int(args["id"])),
     }
 )
 
