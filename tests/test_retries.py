@@ -65,6 +65,18 @@ def test_connection_lost_before_commit_is_retried_in_a_new_session(
         assert connection.scalar(text("SELECT count(*) FROM users")) == 1
 
 
+def test_bare_socket_error_from_the_driver_is_retried_as_a_lost_connection(
+    probe: Instance, pg: Engine
+) -> None:
+    """A ConnectionResetError escaping pg8000 is a lost connection: retried, not a 500."""
+    response = probe.client.post("/reset-once")
+
+    assert response.status_code == 201
+    assert response.json == {"attempts": 2}
+    with pg.connect() as connection:
+        assert connection.scalar(text("SELECT count(*) FROM users")) == 1
+
+
 def test_connection_lost_during_commit_is_not_retried(probe: Instance, pg: Engine) -> None:
     """When the connection dies as COMMIT is sent the outcome is unknown: 503, one attempt only."""
 

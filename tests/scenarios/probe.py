@@ -130,6 +130,17 @@ def kill_once(session: Session, call: Call) -> Reply:
     return Reply(201, {"attempts": len(attempts)})
 
 
+def reset_once(session: Session, call: Call) -> Reply:
+    """Write a row; on the first attempt, fail as pg8000 does on a reset socket (a bare OSError)."""
+    attempts.append(threading.current_thread().name)
+    session.add(_new_user("reset-once@example.com"))
+    session.flush()
+    if len(attempts) == 1:
+        session.connection().invalidate()  # the socket is gone, as after a real reset
+        raise ConnectionResetError(104, "Connection reset by peer")
+    return Reply(201, {"attempts": len(attempts)})
+
+
 def write(session: Session, call: Call) -> Reply:
     """Write a row and record which server process holds the transaction."""
     attempts.append(threading.current_thread().name)
@@ -169,6 +180,7 @@ ROUTER = Router(
         "serial-increment": _one("POST", serial_increment, query=lambda args: int(args["id"])),
         "always-conflicts": _one("POST", always_conflicts),
         "kill-once": _one("POST", kill_once),
+        "reset-once": _one("POST", reset_once),
         "write": _one("POST", write),
         "sleep": _one("POST", sleep, query=lambda args: float(args["seconds"])),
         "hold": _one("POST", hold, query=lambda args: int(args["id"])),
