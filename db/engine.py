@@ -6,7 +6,6 @@ import atexit
 import logging
 import os
 import signal
-import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, orm
 from sqlalchemy.orm import Session
 
+from db import driver
 from db.config import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -145,19 +145,9 @@ def _postgresql_engine(settings: Settings) -> tuple[Engine, Any]:
 
         creator, connector = connector_creator(settings.cloud_sql, connect_args)
         engine = create_engine(settings.url, creator=creator, **_pool_arguments(settings))
-    event.listen(engine, "connect", _disable_nagle)
+    driver.install_statement_cache()
+    event.listen(engine, "connect", driver.tune_connection)
     return engine, connector
-
-
-def _disable_nagle(dbapi_connection: Any, _record: Any) -> None:
-    """Send each message at once.
-
-    pg8000 leaves Nagle's algorithm on: a message that overflows its write buffer
-    waits for the server's delayed ACK, about 40 ms, as in a large multi-row INSERT.
-    """
-    sock = getattr(dbapi_connection, "_usock", None)
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class _TlsNegotiation:

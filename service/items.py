@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypedDict
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -46,15 +46,15 @@ def create_items(session: Session, new_items: Sequence[NewItem]) -> list[Item]:
         if item["owner_id"] not in found:
             raise UnknownOwner(index, item["owner_id"])
     now = utcnow()
-    rows = [Item(**item, created_at=now) for item in new_items]
-    session.add_all(rows)
+    # An ORM bulk INSERT: one INSERT ... VALUES ... RETURNING per 1000 rows, and none
+    # of the unit of work's per-object bookkeeping, which costs more than the database.
+    statement = insert(Item).returning(Item, sort_by_parameter_order=True)
     try:
-        session.flush()
+        return list(session.scalars(statement, [{**item, "created_at": now} for item in new_items]))
     except IntegrityError as error:
         if classify(error) is Failure.FOREIGN_KEY_VIOLATION:
             raise NotFound("an owner was removed while its items were created") from error
         raise
-    return rows
 
 
 def get_item(session: Session, item_id: int) -> Item:

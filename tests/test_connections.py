@@ -1,16 +1,19 @@
-"""How connections are opened: TCP_NODELAY on, and one SSL context per engine, not per connect."""
+"""How connections are opened and used: TCP_NODELAY, one SSL context per engine, few round trips."""
 
 from __future__ import annotations
 
 import socket
 import ssl
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
+import pg8000.core
 import pytest
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
+from db import driver
 from db.config import ConfigError, load_settings
 from tests.conftest import Instance
 
@@ -99,3 +102,56 @@ def test_unknown_sslmode_is_a_configuration_error() -> None:
     """A misspelt sslmode names DATABASE_URL, without echoing it."""
     with pytest.raises(ConfigError, match="DATABASE_URL's sslmode"):
         load_settings({"DATABASE_URL": "postgresql://u:secret@db/app?sslmode=on"})
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT users.id FROM users WHERE users.id = %s AND users.email = %s",
+        "SELECT '%%s' || %s, \"col%%\" FROM t WHERE a LIKE 'x%%'",
+        "INSERT INTO items (owner_id, name) VALUES (%s, %s), (%s, %s) RETURNING id",
+        "SELECT $$ %s $$, %s -- a comment with %s\n",
+    ],
+)
+def test_cached_placeholder_conversion_matches_pg8000(query: str) -> None:
+    """The cached conversion gives exactly pg8000's statement, and the values unchanged."""
+    args = ("a", "b", "c", "d")
+    expected = driver._convert_paramstyle("format", query, args)
+
+    assert driver._cached_convert_paramstyle("format", query, args) == expected
+    assert driver._cached_convert_paramstyle("format", query, args) == expected  # from the cache
+
+
+def test_timestamps_parse_fast_and_fall_back_for_what_isoformat_cannot_read() -> None:
+    """PostgreSQL's timestamptz text becomes an aware datetime; 'infinity' keeps pg8000's answer."""
+    parsed = driver._timestamptz("2026-11-22 14:34:00.727387+00")
+    assert parsed == datetime(2026, 11, 22, 14, 34, 0, 727387, tzinfo=UTC)
+    assert driver._timestamptz("infinity") == "infinity"
+
+
+def test_a_read_and_a_write_cost_six_round_trips(
+    pg: Engine, instances: Callable[..., Instance]
+) -> None:
+    """BEGIN 1, pre-ping 1, the statement 3 (pg8000's extended protocol), COMMIT 1."""
+    client = instances().client
+    user = client.post("/users", json={"name": "A", "email": "a@example.com"}).json["id"]
+    flushes = [0]
+    real = pg8000.core._flush
+
+    def counting(sock: Any) -> None:
+        flushes[0] += 1
+        real(sock)
+
+    pg8000.core._flush = counting
+    try:
+        assert client.get(f"/users/{user}").status_code == 200
+        read = flushes[0]
+        flushes[0] = 0
+        assert (
+            client.post("/users", json={"name": "B", "email": "b@example.com"}).status_code == 201
+        )
+        write = flushes[0]
+    finally:
+        pg8000.core._flush = real
+
+    assert (read, write) == (6, 6)

@@ -1,0 +1,418 @@
+"""Every benchmark in one run: `.venv/bin/python -m bench.run` prints a Markdown report.
+
+It starts its own PostgreSQL and functions-framework servers (gunicorn, as in production) on
+127.0.0.1 and drives them with bounded loads. Absolute numbers on a shared machine are noise,
+so the report leads with ratios measured in the same run, in interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pg8000.core
+import pg8000.dbapi
+from sqlalchemy import create_engine, text
+
+from db.migrate import upgrade
+from tests.postgres import PostgresServer
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+ROUNDS = 3
+ROUND_SECONDS = 1.5
+ROUND_REQUESTS = 3000
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+@dataclass
+class Served:
+    """One function served by functions-framework in its own process group."""
+
+    name: str
+    target: str
+    source: Path
+    env: dict[str, str]
+    port: int = field(default_factory=_free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Served:
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("functions-framework")), f"--target={self.target}",
+             f"--source={self.source}", f"--port={self.port}"],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "K_SERVICE": f"bench-{self.name}",
+                 "THREADS": "8", **self.env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            self.process.wait(timeout=30)
+
+    def worker_pid(self) -> int:
+        assert self.process is not None
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
+        return int(children.split()[0])
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection, as a calling service would hold."""
+
+    def __init__(self, port: int) -> None:
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def send(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
+        headers = {}
+        payload = None
+        if body is not None:
+            payload = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        self.connection.request(method, path, body=payload, headers=headers)
+        response = self.connection.getresponse()
+        return response.status, response.read()
+
+
+Request = Callable[[int], tuple[str, str, Any]]
+
+
+def _load(port: int, request: Request, seconds: float, limit: int) -> list[float]:
+    """Send requests one after another until the time or count runs out; their latencies."""
+    client = Client(port)
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+    n = 0
+    while n < limit and time.perf_counter() < deadline:
+        method, path, body = request(n)
+        started = time.perf_counter()
+        status, _ = client.send(method, path, body)
+        latencies.append(time.perf_counter() - started)
+        assert status < 500, (path, status)
+        n += 1
+    return latencies
+
+
+def single_client(servers: dict[str, Served], requests: dict[str, Request]) -> dict[str, Any]:
+    """Throughput and p50/p99 of one sequential client, in interleaved rounds."""
+    results: dict[str, dict[str, list[float]]] = {}
+    for label, request in requests.items():
+        for server in servers.values():
+            _load(server.port, request, 0.3, 200)  # warm up: engine, pool, caches
+        per_server: dict[str, list[float]] = {name: [] for name in servers}
+        for _ in range(ROUNDS):
+            for name, server in servers.items():
+                per_server[name] += _load(server.port, request, ROUND_SECONDS, ROUND_REQUESTS)
+        results[label] = per_server
+    report: dict[str, Any] = {}
+    for label, per_server in results.items():
+        report[label] = {
+            name: {
+                "requests": len(latencies),
+                "per_second": len(latencies) / sum(latencies),
+                "p50_ms": _percentile(latencies, 0.50) * 1000,
+                "p99_ms": _percentile(latencies, 0.99) * 1000,
+            }
+            for name, latencies in per_server.items()
+        }
+    return report
+
+
+def raw_floor(url: Any, user_id: int) -> dict[str, float]:
+    """The same SELECT over one pg8000 connection, in autocommit: the database's share."""
+    connection = pg8000.dbapi.connect(
+        user=url.username,
+        password=url.password,
+        host=url.host,
+        port=url.port,
+        database=url.database,
+    )
+    connection.autocommit = True
+    cursor = connection.cursor()
+    query = "SELECT id, name, email, balance, created_at, updated_at FROM users WHERE id = %s"
+    latencies = []
+    for _ in range(3000):
+        started = time.perf_counter()
+        cursor.execute(query, (user_id,))
+        cursor.fetchall()
+        latencies.append(time.perf_counter() - started)
+    connection.close()
+    return {
+        "per_second": len(latencies) / sum(latencies),
+        "p50_ms": _percentile(latencies, 0.5) * 1000,
+    }
+
+
+@contextlib.contextmanager
+def counting_round_trips() -> Iterator[list[int]]:
+    """Count pg8000's flushes: each sends what is buffered and then waits for the server."""
+    count = [0]
+    real = pg8000.core._flush
+
+    def flush(sock: Any) -> None:
+        count[0] += 1
+        real(sock)
+
+    pg8000.core._flush = flush
+    try:
+        yield count
+    finally:
+        pg8000.core._flush = real
+
+
+def round_trips(url: Any, user_id: int) -> dict[str, int]:
+    """Round trips to PostgreSQL for one read and one write through the service, in process."""
+    from functions_framework import create_app
+
+    os.environ["DATABASE_URL"] = url.render_as_string(hide_password=False)
+    os.environ["LOG_LEVEL"] = "WARNING"
+    client = create_app("api", str(ROOT / "main.py")).test_client()  # type: ignore[no-untyped-call]
+    client.get(f"/users/{user_id}")  # connect first: a new connection's handshake is not counted
+    counts = {}
+    with counting_round_trips() as count:
+        client.get(f"/users/{user_id}")
+        counts["GET /users/{id}"] = count[0]
+        count[0] = 0
+        client.post("/users", json={"name": "RT", "email": "round-trips@example.com"})
+        counts["POST /users"] = count[0]
+    connection = pg8000.dbapi.connect(
+        user=url.username,
+        password=url.password,
+        host=url.host,
+        port=url.port,
+        database=url.database,
+    )
+    connection.autocommit = True
+    cursor = connection.cursor()
+    with counting_round_trips() as count:
+        cursor.execute("SELECT id, name FROM users WHERE id = %s", (user_id,))
+        cursor.fetchall()
+        counts["raw pg8000 SELECT, autocommit"] = count[0]
+    connection.close()
+    sys.modules["main"].database.dispose()
+    return counts
+
+
+def bulk_insert(service: Served, url: Any, owner: int) -> dict[str, float]:
+    """1000 items through POST /items against one raw multi-row INSERT of the same rows."""
+    items = [{"owner_id": owner, "name": f"item {i}", "quantity": i} for i in range(1000)]
+    client = Client(service.port)
+    through_http = []
+    for _ in range(12):
+        started = time.perf_counter()
+        status, _ = client.send("POST", "/items", {"items": items})
+        through_http.append(time.perf_counter() - started)
+        assert status == 201
+    raw: dict[str, list[float]] = {"nodelay": [], "nagle": []}
+    for mode, timings in raw.items():
+        connection = pg8000.dbapi.connect(
+            user=url.username, password=url.password, host=url.host, port=url.port,
+            database=url.database,
+        )  # fmt: skip
+        if mode == "nodelay":
+            connection._usock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        cursor = connection.cursor()
+        rows = ", ".join(["(%s, %s, %s, now())"] * len(items))
+        sql = f"INSERT INTO items (owner_id, name, quantity, created_at) VALUES {rows} RETURNING id"
+        values = [v for item in items for v in (item["owner_id"], item["name"], item["quantity"])]
+        for _ in range(12):
+            started = time.perf_counter()
+            cursor.execute(sql, values)
+            cursor.fetchall()
+            connection.commit()
+            timings.append(time.perf_counter() - started)
+        connection.close()
+    return {
+        "http_ms": statistics.median(through_http[2:]) * 1000,
+        "raw_ms": statistics.median(raw["nodelay"][2:]) * 1000,
+        "raw_nagle_ms": statistics.median(raw["nagle"][2:]) * 1000,
+    }
+
+
+def connections_under_load(servers: dict[str, Served], log: Path, user_id: int) -> dict[str, Any]:
+    """Server connections opened while 8 clients send 400 reads each, per variant."""
+    opened = {}
+    for name in ("service", "engine_per_request"):
+        server = servers[name]
+        before = log.read_text().count(f"application_name=bench-{name}")
+
+        def client(_: int, port: int = server.port) -> int:
+            http_client = Client(port)
+            for _ in range(400):
+                http_client.send("GET", f"/users/{user_id}")
+            return 400
+
+        with ThreadPoolExecutor(8) as pool:
+            sent = sum(pool.map(client, range(8)))
+        time.sleep(0.2)
+        opened[name] = {
+            "requests": sent,
+            "connections_opened": log.read_text().count(f"application_name=bench-{name}") - before,
+        }
+    return opened
+
+
+def memory(service: Served, user_ids: list[int]) -> dict[str, float]:
+    """Resident size of the service's worker after 1,000 and after 20,000 mixed requests."""
+
+    def rss_mb() -> float:
+        status = Path(f"/proc/{service.worker_pid()}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", status)[1]) / 1024  # type: ignore[index]
+
+    def mixed(n: int) -> tuple[str, str, Any]:
+        kind = n % 4
+        if kind == 0:
+            return "POST", "/users", {"name": "M", "email": f"m{n}-{time.monotonic_ns()}@x.io"}
+        if kind == 1:
+            sender, receiver = user_ids[n % len(user_ids)], user_ids[(n + 1) % len(user_ids)]
+            return (
+                "POST",
+                "/transfers",
+                {"from_user_id": sender, "to_user_id": receiver, "amount": 1},
+            )
+        if kind == 2:
+            return "GET", "/users?limit=20", None
+        return "GET", f"/users/{user_ids[n % len(user_ids)]}", None
+
+    def run(total: int) -> None:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: _load(service.port, mixed, 120, total // 4), range(4)))
+
+    run(1_000)
+    after_1k = rss_mb()
+    run(19_000)
+    after_20k = rss_mb()
+    return {
+        "rss_after_1k_mb": after_1k,
+        "rss_after_20k_mb": after_20k,
+        "growth_mb": after_20k - after_1k,
+    }
+
+
+def cold_start(env: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Median of 5 fresh processes: load the entry point, then serve the first request."""
+    cases = {
+        "service (api, PostgreSQL)": ("api", ROOT / "main.py", "/healthz"),
+        "hello world": ("hello", BENCH / "hello.py", "/"),
+    }
+    report = {}
+    for name, (target, source, path) in cases.items():
+        runs = []
+        for _ in range(5):
+            output = subprocess.run(
+                [sys.executable, str(BENCH / "coldstart.py"), target, str(source), path],
+                cwd=ROOT, env={**os.environ, **env, "LOG_LEVEL": "WARNING"},
+                capture_output=True, text=True, check=True, timeout=120,
+            ).stdout  # fmt: skip
+            runs.append(json.loads(output.strip().splitlines()[-1]))
+        report[name] = {
+            key: statistics.median(run[key] for run in runs) * 1000
+            for key in ("load_s", "first_request_s")
+        }
+    return report
+
+
+def main() -> None:
+    server = PostgresServer()
+    server.init()
+    server.start()
+    servers: dict[str, Served] = {}
+    try:
+        admin = create_engine(server.url(), isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.exec_driver_sql("CREATE DATABASE app")
+            connection.exec_driver_sql("ALTER SYSTEM SET log_connections = on")
+            connection.exec_driver_sql("SELECT pg_reload_conf()")
+        admin.dispose()
+        url = server.url("app")
+        engine = create_engine(url)
+        upgrade(engine)
+        with engine.begin() as connection:
+            user_ids = list(connection.scalars(text(
+                "INSERT INTO users (name, email, balance, created_at, updated_at)"
+                " SELECT 'Bench', 'bench' || n || '@example.com', 1000000000, now(), now()"
+                " FROM generate_series(1, 20) n RETURNING id"
+            )))  # fmt: skip
+        engine.dispose()
+        user_id = user_ids[0]
+        env = {"DATABASE_URL": url.render_as_string(hide_password=False)}
+        servers = {
+            "service": Served("service", "api", ROOT / "main.py", env),
+            "global_session": Served(
+                "global_session", "global_session", BENCH / "variants.py", env
+            ),
+            "engine_per_request": Served(
+                "engine_per_request", "engine_per_request", BENCH / "variants.py", env
+            ),
+            "hello": Served("hello", "hello", BENCH / "hello.py", {}),
+        }
+        for served in servers.values():
+            served.start()
+
+        counter = iter(range(10**9))
+        report: dict[str, Any] = {
+            "single_client": single_client(
+                servers,
+                {
+                    "GET /users/{id}": lambda n: ("GET", f"/users/{user_id}", None),
+                    "POST /users": lambda n: (
+                        "POST",
+                        "/users",
+                        {"name": "B", "email": f"b{next(counter)}@example.com"},
+                    ),
+                },
+            ),
+            "raw_pg8000_select": raw_floor(url, user_id),
+            "round_trips": round_trips(url, user_id),
+            "bulk_insert_1000": bulk_insert(servers["service"], url, user_id),
+            "connections_under_load": connections_under_load(servers, server.log, user_id),
+        }
+        for served in servers.values():
+            served.stop()
+        fresh = Served("memory", "api", ROOT / "main.py", env).start()
+        servers["memory"] = fresh
+        report["memory"] = memory(fresh, user_ids)
+        report["cold_start_ms"] = cold_start(env)
+        print(json.dumps(report, indent=2))
+    finally:
+        for served in servers.values():
+            served.stop()
+        server.destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The users handlers written the two ways the field gets wrong.
+
+Served by functions-framework next to the service itself so that one benchmark run
+compares them on the same machine, database and HTTP stack. Not deployable code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flask
+import functions_framework
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.orm import Session
+
+from db.config import load_settings
+from db.models import User, utcnow
+from web.representations import user as represent
+
+_settings = load_settings()
+# Named like the service's connections, so the benchmark can count them on the server.
+_connect_args = {"application_name": os.environ.get("K_SERVICE", "bench")}
+_engine = create_engine(
+    _settings.url, pool_size=_settings.pool_size, max_overflow=0, connect_args=_connect_args
+)
+# Fast but wrong: one session for every request on every thread, never closed. Its
+# identity map answers repeated reads without asking the database, and stays stale.
+_global_session = Session(_engine)
+
+
+def _json(status: int, body: Any) -> flask.Response:
+    return flask.Response(json.dumps(body), status=status, content_type="application/json")
+
+
+def _handle(request: flask.Request, session: Session, *, commit_reads: bool) -> flask.Response:
+    if request.method == "POST":
+        fields = request.get_json()
+        now = utcnow()
+        user = User(name=fields["name"], email=fields["email"].lower(), balance=0,
+                    created_at=now, updated_at=now)  # fmt: skip
+        session.add(user)
+        session.commit()
+        return _json(201, represent(user))
+    found = session.get(User, int(request.path.rstrip("/").rsplit("/", 1)[-1]))
+    body = represent(found) if found else {"error": "not found"}
+    if commit_reads:
+        session.commit()
+    return _json(200 if found else 404, body)
+
+
+@functions_framework.http
+def global_session(request: flask.Request) -> flask.Response:
+    """Users through one module-level Session."""
+    return _handle(request, _global_session, commit_reads=False)
+
+
+@functions_framework.http
+def engine_per_request(request: flask.Request) -> flask.Response:
+    """Users through a new engine, and so a new connection, for every request."""
+    engine: Engine = create_engine(_settings.url, connect_args=_connect_args)
+    try:
+        with Session(engine) as session:
+            return _handle(request, session, commit_reads=True)
+    finally:
+        engine.dispose()
