@@ -25,6 +25,7 @@ from typing import Any
 
 import pg8000.converters
 import pg8000.dbapi
+import pg8000.legacy
 
 TIMESTAMPTZ_OID = 1184
 _convert_paramstyle = pg8000.dbapi.convert_paramstyle
@@ -42,8 +43,12 @@ def _cached_convert_paramstyle(style: str, query: str, args: Any) -> tuple[str, 
 
 
 def install_statement_cache() -> None:
-    """Cache pg8000's placeholder conversion, process-wide; calling it again changes nothing."""
+    """Cache pg8000's placeholder conversion, process-wide; calling it again changes nothing.
+
+    SQLAlchemy's dialect uses pg8000's legacy cursor, which imported the function by name.
+    """
     pg8000.dbapi.convert_paramstyle = _cached_convert_paramstyle
+    pg8000.legacy.convert_paramstyle = _cached_convert_paramstyle
 
 
 def _timestamptz(text: str) -> datetime | str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypedDict
+from datetime import datetime
+from typing import NamedTuple, TypedDict
 
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
@@ -22,6 +23,16 @@ class NewItem(TypedDict):
     quantity: int
 
 
+class CreatedItem(NamedTuple):
+    """An item just written: its new id and what it was written with."""
+
+    id: int
+    owner_id: int
+    name: str
+    quantity: int
+    created_at: datetime
+
+
 class UnknownOwner(NotFound):
     """Raised when an item's ``owner_id`` names no user; ``index`` is its place in the batch."""
 
@@ -31,7 +42,7 @@ class UnknownOwner(NotFound):
         self.owner_id = owner_id
 
 
-def create_items(session: Session, new_items: Sequence[NewItem]) -> list[Item]:
+def create_items(session: Session, new_items: Sequence[NewItem]) -> list[CreatedItem]:
     """Add the items in order with one multi-row INSERT; ``UnknownOwner`` for a missing owner.
 
     The owners are locked FOR KEY SHARE: none can be removed before this transaction ends.
@@ -46,15 +57,18 @@ def create_items(session: Session, new_items: Sequence[NewItem]) -> list[Item]:
         if item["owner_id"] not in found:
             raise UnknownOwner(index, item["owner_id"])
     now = utcnow()
-    # An ORM bulk INSERT: one INSERT ... VALUES ... RETURNING per 1000 rows, and none
-    # of the unit of work's per-object bookkeeping, which costs more than the database.
-    statement = insert(Item).returning(Item, sort_by_parameter_order=True)
+    # An ORM bulk INSERT: one INSERT ... VALUES ... RETURNING per 1000 rows, returning
+    # only the ids. Loading 1000 ORM objects back would cost more than the database does.
+    statement = insert(Item).returning(Item.id, sort_by_parameter_order=True)
     try:
-        return list(session.scalars(statement, [{**item, "created_at": now} for item in new_items]))
+        ids = session.scalars(statement, [{**item, "created_at": now} for item in new_items]).all()
     except IntegrityError as error:
         if classify(error) is Failure.FOREIGN_KEY_VIOLATION:
             raise NotFound("an owner was removed while its items were created") from error
         raise
+    return [
+        CreatedItem(id, **item, created_at=now) for id, item in zip(ids, new_items, strict=True)
+    ]
 
 
 def get_item(session: Session, item_id: int) -> Item:

@@ -122,6 +122,20 @@ def test_cached_placeholder_conversion_matches_pg8000(query: str) -> None:
     assert driver._cached_convert_paramstyle("format", query, args) == expected  # from the cache
 
 
+def test_repeated_statements_reuse_their_converted_text(
+    pg: Engine, instances: Callable[..., Instance]
+) -> None:
+    """Serving the same read twice converts its SQL text once: the second is a cache hit."""
+    client = instances().client
+    user = client.post("/users", json={"name": "A", "email": "a@example.com"}).json["id"]
+    client.get(f"/users/{user}")
+    hits = driver._converted.cache_info().hits
+
+    client.get(f"/users/{user}")
+
+    assert driver._converted.cache_info().hits == hits + 1
+
+
 def test_timestamps_parse_fast_and_fall_back_for_what_isoformat_cannot_read() -> None:
     """PostgreSQL's timestamptz text becomes an aware datetime; 'infinity' keeps pg8000's answer."""
     parsed = driver._timestamptz("2026-11-22 14:34:00.727387+00")

@@ -7,13 +7,14 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from db.models import Item, Transfer, User
+from service.items import CreatedItem
 
 M = TypeVar("M")
 
 
 def timestamp(moment: datetime) -> str:
     """RFC 3339 in UTC with microseconds, e.g. ``2026-11-22T14:27:33.123456Z``."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def user(row: User) -> dict[str, Any]:
@@ -36,7 +37,7 @@ def page(
     return {key: items, "next_after": items[-1]["id"] if len(items) == limit else None}
 
 
-def item(row: Item) -> dict[str, Any]:
+def item(row: Item | CreatedItem) -> dict[str, Any]:
     """An item as the contract shows it."""
     return {
         "id": row.id,
