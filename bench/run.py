@@ -255,9 +255,9 @@ def bulk_insert(service: Served, url: Any, owner: int) -> dict[str, float]:
         status, _ = client.send("POST", "/items", {"items": items})
         through_http.append(time.perf_counter() - started)
         assert status == 201
-    raw: dict[str, list[float]] = {"nodelay": [], "nagle": []}
-    for mode, timings in raw.items():
-        timings += _raw_insert(url, items, nodelay=mode == "nodelay")
+    raw = {
+        mode: _raw_insert(url, items, nodelay=mode == "nodelay") for mode in ("nodelay", "nagle")
+    }
     return {
         "http_ms": statistics.median(through_http[2:]) * 1000,
         "raw_ms": statistics.median(raw["nodelay"][2:]) * 1000,

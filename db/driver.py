@@ -8,8 +8,12 @@ a few of its habits cost more than the database does:
   tens of milliseconds for a 1000-row INSERT. SQLAlchemy sends the same few texts
   over and over, and with the "format" style the result depends on the text alone,
   so the converted text is cached.
-- ``commit()`` and ``rollback()`` go through the extended protocol, three round
-  trips each. They take no parameters: the simple protocol does them in one.
+- It sends a parameterised statement in three steps, waiting for the server after
+  each (Parse; Describe; Bind and Execute): three round trips. Nothing it sends in a
+  later step depends on an earlier answer (parameters and results travel as text),
+  so the same messages go out in one write, with one Sync: one round trip.
+- ``commit()`` and ``rollback()`` go through that same extended protocol. They take
+  no parameters: the simple protocol does them in one round trip.
 - It parses every ``timestamptz`` with ``strptime``; ``fromisoformat`` reads
   PostgreSQL's output several times faster (pg8000's parser remains the fallback).
 - It leaves Nagle's algorithm on: a message that overflows its write buffer waits
@@ -24,6 +28,7 @@ from datetime import datetime
 from typing import Any
 
 import pg8000.converters
+import pg8000.core
 import pg8000.dbapi
 import pg8000.legacy
 
@@ -58,8 +63,28 @@ def _timestamptz(text: str) -> datetime | str:
         return pg8000.converters.timestamptz_in(text)  # type: ignore[no-any-return]
 
 
+def _pipelined_execute_unnamed(
+    connection: Any, statement: str, vals: Any = (), oids: Any = (), stream: Any = None
+) -> Any:
+    """pg8000's unnamed-statement execution with every message sent at once."""
+    if stream is not None:  # COPY keeps pg8000's own path
+        return pg8000.core.CoreConnection.execute_unnamed(connection, statement, vals, oids, stream)
+    # Encode first: a value that cannot be sent must fail before anything is written.
+    params = pg8000.converters.make_params(connection.py_types, vals)
+    context = pg8000.core.Context(statement, stream=stream)
+    connection.send_PARSE(pg8000.core.NULL_BYTE, statement, oids)
+    connection.send_DESCRIBE_STATEMENT(pg8000.core.NULL_BYTE)
+    connection.send_BIND(pg8000.core.NULL_BYTE, params)
+    connection.send_EXECUTE()
+    pg8000.core._write(connection._sock, pg8000.core.SYNC_MSG)
+    pg8000.core._flush(connection._sock)
+    connection.handle_messages(context)
+    return context
+
+
 def tune_connection(dbapi_connection: Any, _record: Any = None) -> None:
-    """On each new connection: TCP_NODELAY, one-round-trip COMMIT and ROLLBACK, fast timestamps."""
+    """On each new connection: TCP_NODELAY, one round trip per statement, COMMIT and
+    ROLLBACK, and fast timestamps."""
     sock = getattr(dbapi_connection, "_usock", None)
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -71,6 +96,9 @@ def tune_connection(dbapi_connection: Any, _record: Any = None) -> None:
         if dbapi_connection._in_transaction:
             dbapi_connection.execute_simple("rollback")
 
+    dbapi_connection.execute_unnamed = functools.partial(
+        _pipelined_execute_unnamed, dbapi_connection
+    )
     dbapi_connection.commit = commit
     dbapi_connection.rollback = rollback
     dbapi_connection.register_in_adapter(TIMESTAMPTZ_OID, _timestamptz)

@@ -143,10 +143,10 @@ def test_timestamps_parse_fast_and_fall_back_for_what_isoformat_cannot_read() ->
     assert driver._timestamptz("infinity") == "infinity"
 
 
-def test_a_read_and_a_write_cost_six_round_trips(
+def test_a_read_and_a_write_cost_four_round_trips(
     pg: Engine, instances: Callable[..., Instance]
 ) -> None:
-    """BEGIN 1, pre-ping 1, the statement 3 (pg8000's extended protocol), COMMIT 1."""
+    """BEGIN, pre-ping, the statement (all its protocol messages in one write), COMMIT."""
     client = instances().client
     user = client.post("/users", json={"name": "A", "email": "a@example.com"}).json["id"]
     flushes = [0]
@@ -168,4 +168,29 @@ def test_a_read_and_a_write_cost_six_round_trips(
     finally:
         pg8000.core._flush = real
 
-    assert (read, write) == (6, 6)
+    assert (read, write) == (4, 4)
+
+
+@pytest.mark.parametrize(
+    ("statement", "params"),
+    [
+        ("SELEC 1 WHERE 1 = %s", (1,)),  # refused at Parse
+        ("SELECT 1 WHERE 1 = %s::int", ("not a number",)),  # refused at Bind
+        ("SELECT 2147483647::int4 + %s::int4", (1,)),  # refused at Execute
+    ],
+)
+def test_statement_refused_at_any_protocol_step_leaves_the_connection_in_step(
+    pg: Engine, instances: Callable[..., Instance], statement: str, params: tuple[object, ...]
+) -> None:
+    """After an error from any message of the one-write statement, the same connection works."""
+    engine = instances().database.engine
+    with engine.connect() as connection:
+        raw = connection.connection.dbapi_connection
+        assert raw is not None
+        cursor = raw.cursor()
+        with pytest.raises(pg8000.dbapi.DatabaseError):
+            cursor.execute(statement, params)
+        raw.rollback()
+
+        cursor.execute("SELECT %s::int + 1", (41,))
+        assert cursor.fetchall() == ([42],)
