@@ -154,6 +154,17 @@ def single_client(servers: dict[str, Served], requests: dict[str, Request]) -> d
     return report
 
 
+def _raw_connection(url: Any) -> Any:
+    """A plain pg8000 connection to the benchmark database, as raw code would open it."""
+    return pg8000.dbapi.connect(
+        user=url.username,
+        password=url.password,
+        host=url.host,
+        port=url.port,
+        database=url.database,
+    )
+
+
 def raw_floor(url: Any, user_id: int) -> dict[str, float]:
     """The same SELECT over one pg8000 connection, in autocommit: the database's share."""
     with stock_pg8000():
@@ -161,13 +172,7 @@ def raw_floor(url: Any, user_id: int) -> dict[str, float]:
 
 
 def _raw_select(url: Any, user_id: int) -> dict[str, float]:
-    connection = pg8000.dbapi.connect(
-        user=url.username,
-        password=url.password,
-        host=url.host,
-        port=url.port,
-        database=url.database,
-    )
+    connection = _raw_connection(url)
     connection.autocommit = True
     cursor = connection.cursor()
     query = "SELECT id, name, email, balance, created_at, updated_at FROM users WHERE id = %s"
@@ -227,13 +232,7 @@ def round_trips(url: Any, user_id: int) -> dict[str, int]:
         count[0] = 0
         client.post("/users", json={"name": "RT", "email": "round-trips@example.com"})
         counts["POST /users"] = count[0]
-    connection = pg8000.dbapi.connect(
-        user=url.username,
-        password=url.password,
-        host=url.host,
-        port=url.port,
-        database=url.database,
-    )
+    connection = _raw_connection(url)
     connection.autocommit = True
     cursor = connection.cursor()
     with counting_round_trips() as count:
@@ -269,10 +268,7 @@ def _raw_insert(url: Any, items: list[dict[str, Any]], *, nodelay: bool) -> list
     """One multi-row INSERT ... RETURNING id of the items with stock pg8000, 12 times."""
     timings = []
     with stock_pg8000():
-        connection = pg8000.dbapi.connect(
-            user=url.username, password=url.password, host=url.host, port=url.port,
-            database=url.database,
-        )  # fmt: skip
+        connection = _raw_connection(url)
         if nodelay:
             connection._usock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         cursor = connection.cursor()
