@@ -128,3 +128,27 @@ def test_logging_is_configured_once_per_import(
     ]
     assert len(json_handlers) == 1
     assert len(logging.getLogger().handlers) == len(before)
+
+
+def test_bad_configuration_is_one_log_line_naming_the_variable(
+    pg: Engine,
+    instances: Callable[..., Instance],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bad setting met on a first request: 500 internal, one ERROR line, no trace or password."""
+    monkeypatch.setenv("DB_POOL_SIZE", "many")
+    client = instances().client
+    capsys.readouterr()
+
+    response = client.get("/users")
+
+    assert response.status_code == 500
+    assert response.json == {"error": {"code": "internal", "message": "internal error"}}
+    [error] = [line for line in log_lines(capsys) if line["severity"] == "ERROR"]
+    assert (
+        error["message"]
+        == "configuration error: DB_POOL_SIZE must be a whole number of at least 1, got 'many'"
+    )
+    assert "stack_trace" not in error
+    assert PASSWORD not in json.dumps(error)

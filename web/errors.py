@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from db.config import ConfigError
 from db.errors import Failure, classify
 from service.errors import (
     Conflict,
@@ -94,6 +95,10 @@ def error_reply(error: BaseException) -> Reply:
     if isinstance(error, DomainError):
         status = next(code for kind, code in _DOMAIN_STATUS if isinstance(error, kind))
         return _reply(status, error.code, error.message, error.details)
+    if isinstance(error, ConfigError):
+        # One line naming the variable, as at every other place bad configuration shows.
+        log.error("configuration error: %s", error)
+        return _reply(500, "internal", "internal error")
     failure = classify(error)
     if failure is Failure.INVALID_DATA:
         log.warning("the database rejected a value that validation let through", exc_info=error)
