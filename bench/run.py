@@ -30,19 +30,13 @@ from sqlalchemy import create_engine, text
 
 from db import driver
 from db.migrate import upgrade
-from tests.postgres import PostgresServer
+from tests.postgres import PostgresServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 ROUNDS = 3
 ROUND_SECONDS = 1.5
 ROUND_REQUESTS = 3000
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _percentile(values: list[float], share: float) -> float:
@@ -58,7 +52,7 @@ class Served:
     target: str
     source: Path
     env: dict[str, str]
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Served:

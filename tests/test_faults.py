@@ -25,7 +25,7 @@ from sqlalchemy.engine import URL
 
 from db.migrate import upgrade
 from tests.conftest import PROBE, ROOT, Instance
-from tests.postgres import PostgresServer
+from tests.postgres import PostgresServer, free_port
 
 
 @pytest.fixture(scope="module")
@@ -214,9 +214,7 @@ class ServedProbe:
     """The probe app served by functions-framework in its own process, to be killed or frozen."""
 
     def __init__(self, url: URL, name: str, tmp_path: Path, **env: str) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = int(probe.getsockname()[1])
+        self.port = free_port()
         self.process = subprocess.Popen(
             [str(Path(sys.executable).with_name("functions-framework")), "--target=probe",
              f"--source={PROBE}", f"--port={self.port}"],

@@ -15,12 +15,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
 from tests.conftest import ROOT
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.postgres import free_port
 
 
 def _wait_until_serving(port: int, process: subprocess.Popen[str]) -> None:
@@ -45,7 +40,7 @@ def test_sigterm_stops_the_server_and_closes_its_connections(
     pg: Engine, database_url: URL, tmp_path: Path
 ) -> None:
     """After SIGTERM the worker disposes the engine: exit 0, and no server connection is left."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "DATABASE_URL": database_url.render_as_string(hide_password=False),
