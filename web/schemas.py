@@ -61,6 +61,13 @@ def body_validator(schema: type[T]) -> Callable[[Any], T]:
 _DIGITS = re.compile(r"[0-9]{1,30}")
 
 
+def _whole_number(raw: str, low: int, high: int) -> int | None:
+    """``raw`` as an integer when it is ASCII digits within ``low``..``high``, else None."""
+    if _DIGITS.fullmatch(raw) and low <= int(raw) <= high:
+        return int(raw)
+    return None
+
+
 def page_query(
     args: Mapping[str, str], filters: Mapping[str, Callable[[str], object]]
 ) -> dict[str, Any]:
@@ -69,10 +76,9 @@ def page_query(
     problems: list[dict[str, Any]] = []
     for name, low, high, default in (("limit", 1, 1000, 50), ("after", 0, MAX_BIGINT, 0)):
         raw = args.get(name)
-        if raw is None:
-            query[name] = default
-        elif _DIGITS.fullmatch(raw) and low <= int(raw) <= high:
-            query[name] = int(raw)
+        value = default if raw is None else _whole_number(raw, low, high)
+        if value is not None:
+            query[name] = value
         else:
             problems.append(
                 {"loc": ["query", name], "msg": f"must be a whole number from {low} to {high}"}
@@ -92,13 +98,12 @@ def page_query(
 
 def id_parameter(raw: str) -> int:
     """An id given in a query string."""
-    if _DIGITS.fullmatch(raw) and 1 <= int(raw) <= MAX_BIGINT:
-        return int(raw)
-    raise ValueError(f"must be an id from 1 to {MAX_BIGINT}")
+    value = path_id(raw)
+    if value is None:
+        raise ValueError(f"must be an id from 1 to {MAX_BIGINT}")
+    return value
 
 
 def path_id(raw: str) -> int | None:
     """The id in a path segment, or None when the segment is not an id."""
-    if _DIGITS.fullmatch(raw) and 1 <= int(raw) <= MAX_BIGINT:
-        return int(raw)
-    return None
+    return _whole_number(raw, 1, MAX_BIGINT)
