@@ -2,10 +2,13 @@
 # Deploy the HTTP functions as 2nd gen Cloud Functions: one `gcloud functions deploy` each.
 #
 # Usage: ./deploy.sh [--dry-run] [--migrate] [--allow-unauthenticated] [FUNCTION ...]
-#   FUNCTION               users, items, transfers, health, api (default: all five)
+#   FUNCTION               an entry point of main.py (default: every function in FUNCTIONS)
 #   --dry-run              print every command, run none
 #   --migrate              first run `python -m db upgrade` through the Cloud SQL connector
 #   --allow-unauthenticated  let anyone call the functions (default: IAM callers only)
+#
+# The functions are main.py's entry points (each `@functions_framework.http` function at its
+# top level): a new entry point is deployed without any change here.
 #
 # Settings, from the environment (README.md, "Deploying"):
 #   PROJECT_ID, REGION                  where to deploy
@@ -14,8 +17,10 @@
 #   SERVICE_ACCOUNT                     the functions' own service account (email)
 #   DB_PASS_SECRET                      Secret Manager secret with the password (NAME or NAME:VERSION),
 #                                       unless DB_IAM_AUTH=true
+#   FUNCTIONS="(every entry point)"     the functions that share the instance's connections
 #   DB_IAM_AUTH=false  DB_IP_TYPE=PUBLIC  CONCURRENCY=8  DB_MAX_OVERFLOW=0  CPU=1  MEMORY=512Mi
-#   TIMEOUT=60s  RUNTIME=python312  LOG_LEVEL=INFO  VPC_CONNECTOR=(none)
+#   TIMEOUT=60s  RUNTIME=python312  LOG_LEVEL=INFO  VPC_CONNECTOR=(none; needed by PRIVATE and PSC)
+#   BUILD_SERVICE_ACCOUNT=(the project's default)   the account Cloud Build builds with (email)
 #   DB_MAX_CONNECTIONS=100  DB_RESERVED_CONNECTIONS=10   the connection budget for --max-instances
 # The password itself is never read from the environment and never passed as a plain variable.
 set -euo pipefail
@@ -23,17 +28,40 @@ cd "$(dirname "$0")"
 # A password in the deployer's shell must not reach gcloud or the functions by accident.
 unset DB_PASS
 
-ALL_FUNCTIONS=(users items transfers health api)
-
 fail() {
   echo "deploy.sh: $*" >&2
   exit 2
 }
 
+python=${PYTHON:-.venv/bin/python}
+[[ -x "$python" ]] || python=python3
+
+# main.py is the one list of functions: every top-level function decorated with
+# @functions_framework.http, read without importing anything.
+mapfile -t ENTRY_POINTS < <("$python" - main.py <<'EOF'
+import ast
+import sys
+
+tree = ast.parse(open(sys.argv[1], encoding="utf-8").read())
+for node in tree.body:
+    if isinstance(node, ast.FunctionDef) and any(
+        ast.unparse(decorator) == "functions_framework.http" for decorator in node.decorator_list
+    ):
+        print(node.name)
+EOF
+)
+[[ ${#ENTRY_POINTS[@]} -gt 0 ]] || fail "main.py has no @functions_framework.http function"
+
+is_entry_point() {
+  local name
+  for name in "${ENTRY_POINTS[@]}"; do [[ "$name" != "$1" ]] || return 0; done
+  return 1
+}
+
 dry_run=false
 migrate=false
 access="--no-allow-unauthenticated"
-functions=()
+chosen=()
 for argument in "$@"; do
   case "$argument" in
     --dry-run) dry_run=true ;;
@@ -44,18 +72,15 @@ for argument in "$@"; do
       exit 0
       ;;
     -*) fail "unknown option $argument (see --help)" ;;
-    users | items | transfers | health | api)
-      for chosen in "${functions[@]}"; do
-        [[ "$chosen" != "$argument" ]] || fail "$argument is named twice"
+    *)
+      is_entry_point "$argument" || fail "unknown function '$argument'; main.py has: ${ENTRY_POINTS[*]}"
+      for name in "${chosen[@]}"; do
+        [[ "$name" != "$argument" ]] || fail "$argument is named twice"
       done
-      functions+=("$argument")
+      chosen+=("$argument")
       ;;
-    *) fail "unknown function '$argument'; choose from: ${ALL_FUNCTIONS[*]}" ;;
   esac
 done
-if [[ ${#functions[@]} -eq 0 ]]; then
-  functions=("${ALL_FUNCTIONS[@]}")
-fi
 
 # Settings: every problem is reported before anything runs.
 problems=()
@@ -64,6 +89,9 @@ require() {
 }
 whole_number() { # name, minimum
   [[ "${!1}" =~ ^[0-9]+$ ]] && ((10#${!1} >= $2)) || problems+=("$1 must be a whole number of at least $2, got '${!1}'")
+}
+email() { # name
+  [[ -z "${!1:-}" || "${!1}" =~ ^[^@[:space:]]+@[^@[:space:]]+$ ]] || problems+=("$1 must be a service account email, got '${!1}'")
 }
 for name in PROJECT_ID REGION INSTANCE_CONNECTION_NAME DB_NAME DB_USER SERVICE_ACCOUNT; do
   require "$name"
@@ -81,13 +109,36 @@ DB_MAX_CONNECTIONS=${DB_MAX_CONNECTIONS:-100}
 DB_RESERVED_CONNECTIONS=${DB_RESERVED_CONNECTIONS:-10}
 DB_PASS_SECRET=${DB_PASS_SECRET:-}
 VPC_CONNECTOR=${VPC_CONNECTOR:-}
+BUILD_SERVICE_ACCOUNT=${BUILD_SERVICE_ACCOUNT:-}
+
+FUNCTIONS=${FUNCTIONS:-${ENTRY_POINTS[*]}}
+read -r -a fleet <<<"${FUNCTIONS//,/ }"
+[[ ${#fleet[@]} -gt 0 ]] || problems+=("FUNCTIONS names no function")
+in_fleet() {
+  local name
+  for name in "${fleet[@]}"; do [[ "$name" != "$1" ]] || return 0; done
+  return 1
+}
+seen=()
+for name in "${fleet[@]}"; do
+  is_entry_point "$name" || problems+=("FUNCTIONS names '$name', which is not an entry point of main.py")
+  for other in "${seen[@]}"; do
+    [[ "$other" != "$name" ]] || problems+=("FUNCTIONS names '$name' twice")
+  done
+  seen+=("$name")
+done
+for name in "${chosen[@]}"; do
+  in_fleet "$name" || problems+=("$name is not in FUNCTIONS (${fleet[*]}), whose share of connections it would take")
+done
+if [[ ${#chosen[@]} -eq 0 ]]; then
+  chosen=("${fleet[@]}")
+fi
 
 if [[ -n "${INSTANCE_CONNECTION_NAME:-}" && ! "$INSTANCE_CONNECTION_NAME" =~ ^([a-z0-9.-]+:)?[a-z0-9-]+:[a-z0-9-]+:[a-z0-9-]+$ ]]; then
   problems+=("INSTANCE_CONNECTION_NAME must look like project:region:instance, got '$INSTANCE_CONNECTION_NAME'")
 fi
-if [[ -n "${SERVICE_ACCOUNT:-}" && ! "$SERVICE_ACCOUNT" =~ ^[^@[:space:]]+@[^@[:space:]]+$ ]]; then
-  problems+=("SERVICE_ACCOUNT must be a service account email, got '$SERVICE_ACCOUNT'")
-fi
+email SERVICE_ACCOUNT
+email BUILD_SERVICE_ACCOUNT
 case "$DB_IAM_AUTH" in
   true)
     [[ -z "$DB_PASS_SECRET" ]] || problems+=("DB_PASS_SECRET must not be set when DB_IAM_AUTH=true")
@@ -98,7 +149,10 @@ case "$DB_IAM_AUTH" in
   *) problems+=("DB_IAM_AUTH must be true or false, got '$DB_IAM_AUTH'") ;;
 esac
 case "$DB_IP_TYPE" in
-  PUBLIC | PRIVATE | PSC) ;;
+  PUBLIC) ;;
+  PRIVATE | PSC)
+    [[ -n "$VPC_CONNECTOR" ]] || problems+=("DB_IP_TYPE=$DB_IP_TYPE needs VPC_CONNECTOR: a function reaches the VPC only through one")
+    ;;
   *) problems+=("DB_IP_TYPE must be PUBLIC, PRIVATE or PSC, got '$DB_IP_TYPE'") ;;
 esac
 case "$LOG_LEVEL" in
@@ -121,13 +175,14 @@ if ! $dry_run && ! command -v gcloud >/dev/null 2>&1; then
   fail "gcloud is not on PATH; install the Google Cloud CLI"
 fi
 
-# Every instance may hold pool + overflow connections, and every function scales on its own:
-# the functions deployed here share what the Cloud SQL instance allows, less a reserve.
+# Every instance may hold pool + overflow connections and every function scales on its own, so
+# the functions of FUNCTIONS split what the Cloud SQL instance allows, less a reserve, evenly:
+# deploying some of them never gives those more than their share.
 per_instance=$((CONCURRENCY + DB_MAX_OVERFLOW))
 budget=$((DB_MAX_CONNECTIONS - DB_RESERVED_CONNECTIONS))
-max_instances=$((budget / per_instance / ${#functions[@]}))
+max_instances=$((budget / per_instance / ${#fleet[@]}))
 echo "connection budget: ($DB_MAX_CONNECTIONS max_connections - $DB_RESERVED_CONNECTIONS reserved)" \
-  "/ ($CONCURRENCY pool + $DB_MAX_OVERFLOW overflow per instance) / ${#functions[@]} functions" \
+  "/ ($CONCURRENCY pool + $DB_MAX_OVERFLOW overflow per instance) / ${#fleet[@]} functions" \
   "= --max-instances=$max_instances per function"
 if ((max_instances < 1)); then
   fail "the connection budget allows no instance; raise DB_MAX_CONNECTIONS or lower CONCURRENCY"
@@ -146,6 +201,41 @@ run() {
   fi
 }
 
+deploying() {
+  local name
+  for name in "${chosen[@]}"; do [[ "$name" != "$1" ]] || return 0; done
+  return 1
+}
+
+# Functions deployed earlier keep their --max-instances until redeployed: count what those
+# already on this Cloud SQL instance may hold, beside what this deploy gives.
+listing=(gcloud functions list --project="$PROJECT_ID"
+  --format="value[separator='|'](name.basename(),name.segment(3),serviceConfig.environmentVariables.INSTANCE_CONNECTION_NAME,serviceConfig.maxInstanceCount,serviceConfig.environmentVariables.DB_POOL_SIZE,serviceConfig.environmentVariables.DB_MAX_OVERFLOW,serviceConfig.maxInstanceRequestConcurrency)")
+show "${listing[@]}"
+held=0
+holders=()
+if ! $dry_run; then
+  deployed=$("${listing[@]}")
+  while IFS='|' read -r name location instance most pool overflow concurrency; do
+    [[ -n "$name" && "$instance" == "$INSTANCE_CONNECTION_NAME" ]] || continue
+    if [[ "$location" == "$REGION" ]] && deploying "$name"; then
+      continue # replaced by this deploy
+    fi
+    each=$((${pool:-${concurrency:-1}} + ${overflow:-0}))
+    held=$((held + ${most:-100} * each))
+    holders+=("$name in $location (${most:-100} instances x $each)")
+  done <<<"$deployed"
+fi
+planned=$((${#chosen[@]} * max_instances * per_instance))
+if ((held + planned > budget)); then
+  printf 'deploy.sh: %s\n' \
+    "functions already deployed on $INSTANCE_CONNECTION_NAME may hold $held connections:" \
+    "${holders[@]/#/  }" \
+    "with the $planned of this deploy that passes the budget of $budget;" \
+    "deploy them too (they must be in FUNCTIONS), or delete those no longer used" >&2
+  exit 2
+fi
+
 secret_name=${DB_PASS_SECRET%%:*}
 secret_version=latest
 if [[ "$DB_PASS_SECRET" == *:* ]]; then
@@ -153,8 +243,6 @@ if [[ "$DB_PASS_SECRET" == *:* ]]; then
 fi
 
 if $migrate; then
-  python=${PYTHON:-.venv/bin/python}
-  [[ -x "$python" ]] || python=python3
   echo "migrating the schema through the Cloud SQL connector"
   migration_env=(INSTANCE_CONNECTION_NAME="$INSTANCE_CONNECTION_NAME" DB_USER="$DB_USER"
     DB_NAME="$DB_NAME" DB_IP_TYPE="$DB_IP_TYPE" DB_IAM_AUTH="$DB_IAM_AUTH")
@@ -179,7 +267,7 @@ env_vars+=",DB_IP_TYPE=$DB_IP_TYPE,DB_IAM_AUTH=$DB_IAM_AUTH,DB_POOL_SIZE=$CONCUR
 env_vars+=",DB_MAX_OVERFLOW=$DB_MAX_OVERFLOW,THREADS=$CONCURRENCY,LOG_LEVEL=$LOG_LEVEL"
 env_vars+=",GOOGLE_CLOUD_PROJECT=$PROJECT_ID"
 
-for function in "${functions[@]}"; do
+for function in "${chosen[@]}"; do
   command=(gcloud functions deploy "$function"
     --gen2
     --project="$PROJECT_ID"
@@ -197,11 +285,19 @@ for function in "${functions[@]}"; do
     --timeout="$TIMEOUT"
     --max-instances="$max_instances"
     --quiet)
+  # Each deploy states every setting, so one that was dropped is removed, not left behind.
   if [[ "$DB_IAM_AUTH" == false ]]; then
     command+=(--set-secrets="DB_PASS=$secret_name:$secret_version")
+  else
+    command+=(--clear-secrets)
   fi
   if [[ -n "$VPC_CONNECTOR" ]]; then
     command+=(--vpc-connector="$VPC_CONNECTOR")
+  else
+    command+=(--clear-vpc-connector)
+  fi
+  if [[ -n "$BUILD_SERVICE_ACCOUNT" ]]; then
+    command+=(--build-service-account="projects/$PROJECT_ID/serviceAccounts/$BUILD_SERVICE_ACCOUNT")
   fi
   run "${command[@]}"
 done

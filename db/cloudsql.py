@@ -22,7 +22,10 @@ def connector_creator(
     ip_type = IPTypes[settings.ip_type]
     # "lazy": refresh certificates on demand, since the CPU is throttled between requests.
     connector = Connector(
-        ip_type=ip_type, enable_iam_auth=settings.iam_auth, refresh_strategy="lazy"
+        ip_type=ip_type,
+        enable_iam_auth=settings.iam_auth,
+        refresh_strategy="lazy",
+        sqladmin_api_endpoint=settings.admin_api_endpoint,
     )
     credentials: dict[str, Any] = {"user": settings.user, "db": settings.database}
     if not settings.iam_auth:
@@ -39,3 +42,15 @@ def connector_creator(
         )
 
     return connect, connector
+
+
+def close_connector(connector: Connector) -> None:
+    """Close the connector, and the event loop its thread ran.
+
+    ``Connector.close()`` stops that loop but leaves it open, holding two file
+    descriptors until the process ends.
+    """
+    connector.close()
+    loop = getattr(connector, "_loop", None)
+    if loop is not None and not loop.is_running() and not loop.is_closed():
+        loop.close()

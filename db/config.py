@@ -37,12 +37,13 @@ class CloudSqlSettings:
     password: str | None
     iam_auth: bool
     ip_type: IpType
+    admin_api_endpoint: str | None = None  # None: Google's own
 
     def __repr__(self) -> str:
         return (
             f"CloudSqlSettings(instance_connection_name={self.instance_connection_name!r}, "
             f"user={self.user!r}, database={self.database!r}, iam_auth={self.iam_auth}, "
-            f"ip_type={self.ip_type!r})"
+            f"ip_type={self.ip_type!r}, admin_api_endpoint={self.admin_api_endpoint!r})"
         )
 
 
@@ -147,6 +148,9 @@ def _cloud_sql_settings(env: _Env, instance: str) -> CloudSqlSettings:
     ip_type = (env.get("DB_IP_TYPE") or "PUBLIC").upper()
     if ip_type not in ("PUBLIC", "PRIVATE", "PSC"):
         raise ConfigError(f"DB_IP_TYPE must be PUBLIC, PRIVATE or PSC, got {ip_type!r}")
+    endpoint = env.get("CLOUD_SQL_ADMIN_API_ENDPOINT")
+    if endpoint is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", endpoint):
+        raise ConfigError(f"CLOUD_SQL_ADMIN_API_ENDPOINT must be an http(s) URL, got {endpoint!r}")
     return CloudSqlSettings(
         instance_connection_name=instance,
         user=env.required("DB_USER"),
@@ -154,6 +158,7 @@ def _cloud_sql_settings(env: _Env, instance: str) -> CloudSqlSettings:
         password=password,
         iam_auth=iam_auth,
         ip_type=ip_type,  # type: ignore[arg-type]  # narrowed by the membership test above
+        admin_api_endpoint=endpoint.rstrip("/") if endpoint else None,
     )
 
 

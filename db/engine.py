@@ -58,7 +58,9 @@ class Database:
         if engine is not None:
             engine.dispose()
         if connector is not None:
-            connector.close()
+            from db.cloudsql import close_connector  # noqa: PLC0415  # loaded only on this path
+
+            close_connector(connector)
         if engine is not None:
             log.info("database disposed")
 

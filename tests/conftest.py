@@ -18,6 +18,7 @@ from sqlalchemy.pool import NullPool
 
 from db.engine import Database
 from db.migrate import upgrade
+from tests.deploying import Deploy, start_deploy
 from tests.postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +29,7 @@ CONFIG_VARIABLES = (
     "DATABASE_URL", "INSTANCE_CONNECTION_NAME", "DB_USER", "DB_PASS", "DB_NAME", "DB_IAM_AUTH",
     "DB_IP_TYPE", "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_POOL_RECYCLE",
     "DB_STATEMENT_TIMEOUT", "DB_IDLE_IN_TRANSACTION_TIMEOUT", "LOG_LEVEL", "THREADS",
+    "CLOUD_SQL_ADMIN_API_ENDPOINT", "GOOGLE_APPLICATION_CREDENTIALS", "K_SERVICE",
 )  # fmt: skip
 
 # A table whose constraint trigger fails at COMMIT: the only honest way to make a commit fail.
@@ -125,3 +127,12 @@ def instances() -> Iterator[Callable[..., Instance]]:
 def client(pg: Engine, instances: Callable[..., Instance]) -> FlaskClient:
     """A client of the ``api`` entry point on the test PostgreSQL."""
     return instances().client
+
+
+@pytest.fixture
+def deploy(tmp_path: Path) -> Iterator[Deploy]:
+    """deploy.sh in a copy of the project, with the real gcloud and an empty stand-in project."""
+    runner = start_deploy(tmp_path)
+    yield runner
+    runner.api.stop()
+    assert runner.hosts_called() <= {runner.api.url}, "gcloud called a host other than the stand-in"

@@ -88,6 +88,15 @@ class PostgresServer:
             "start",
         )  # fmt: skip
 
+    def trust(self, role: str) -> None:
+        """Let ``role`` log in from 127.0.0.1 without a password, as Cloud SQL's proxy lets an
+        IAM principal in on its token."""
+        hba = self.data / "pg_hba.conf"
+        rule = f'host all "{role}" 127.0.0.1/32 trust\n'
+        if rule not in hba.read_text():
+            hba.write_text(rule + hba.read_text())
+            self._run("pg_ctl", "-D", str(self.data), "reload")
+
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
 

@@ -1,175 +1,299 @@
-"""The Cloud SQL connector path, end to end, with only Google's network faked.
+"""The Cloud SQL connector path, end to end, with the real Cloud SQL Python Connector.
 
-``FakeConnector`` stands in for ``google.cloud.sql.connector.Connector``: constructing the
-real one starts a refresh thread and asks Google for credentials and certificates, which
-cannot happen here. Its ``connect()`` opens a real pg8000 connection to the test server
-with the arguments the service passed, so everything after the network edge is real.
+Only Google's side is a stand-in (``tests/google/cloudsql.py``): a token endpoint for the
+service account, the Cloud SQL Admin API (connect settings and ephemeral certificates signed
+by a CA made at run time) and the instance's TLS proxy on port 3307, which forwards to the
+test PostgreSQL. The connector fetches, refreshes and presents its certificates for real.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import threading
-from collections.abc import Callable
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar
+from datetime import timedelta
+from pathlib import Path
 
-import pg8000.dbapi
 import pytest
-from google.cloud.sql.connector import IPTypes
-from sqlalchemy import Engine
-from sqlalchemy.engine import URL
+from flask.testing import FlaskClient
+from google.cloud.sql.connector import Connector
+from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy.pool import NullPool
 
-import db.cloudsql
-from tests.conftest import Instance
-from tests.postgres import PASSWORD
+from tests.conftest import PROBE, ROOT, Instance
+from tests.deploying import SECRET_IN_SECRET_MANAGER, Deploy, needs_gcloud
+from tests.google.cloudsql import CloudSql
+from tests.postgres import PASSWORD, PostgresServer, free_port
+
+INSTANCE = "acme-prod:europe-west1:main"
+IAM_USER = "functions@acme-prod.iam"  # the service account's database user
+APP_NAME = "connector-check"
 
 
-class FakeConnector:
-    """Records how it is built and used; connects to the test PostgreSQL."""
+@pytest.fixture(scope="module")
+def cloud_sql_stand_in(
+    postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[CloudSql]:
+    """Google's side of the connector, in front of the test server."""
+    stand_in = CloudSql.start(INSTANCE, postgres.port, tmp_path_factory.mktemp("google"))
+    yield stand_in
+    stand_in.stop()
 
-    instances: ClassVar[list[FakeConnector]] = []
-    server: ClassVar[URL]
 
-    def __init__(self, **options: Any) -> None:
-        self.options = options
-        self.connects: list[tuple[str, str, dict[str, Any]]] = []
-        self.closed = False
-        FakeConnector.instances.append(self)
+@pytest.fixture
+def cloud_sql(
+    cloud_sql_stand_in: CloudSql, pg: Engine, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[CloudSql]:
+    """Instances configured for the connector path, with the stand-in's records emptied."""
+    stand_in = cloud_sql_stand_in
+    stand_in.admin.issued.clear()
+    stand_in.admin.received.clear()
+    stand_in.admin.certificate_lifetime = timedelta(hours=1)
+    stand_in.proxy.tunnels.clear()
+    monkeypatch.delenv("DATABASE_URL")
+    for name, value in {
+        **stand_in.environment(),
+        "INSTANCE_CONNECTION_NAME": INSTANCE,
+        "DB_USER": "postgres",
+        "DB_PASS": PASSWORD,
+        "DB_NAME": "app",
+        "DB_POOL_SIZE": "4",
+        "K_SERVICE": APP_NAME,
+    }.items():
+        monkeypatch.setenv(name, value)
+    yield stand_in
+    _terminate(pg)
 
-    def connect(self, instance_connection_name: str, driver: str, **kwargs: Any) -> Any:
-        self.connects.append((instance_connection_name, driver, dict(kwargs)))
-        assert not self.closed, "connect() after close()"
-        # With IAM authentication the real connector supplies a token as the password.
-        password = kwargs.pop("password", None) or PASSWORD
-        return pg8000.dbapi.connect(
-            user=kwargs.pop("user"),
-            password=password,
-            database=self.server.database,
-            host=self.server.host,
-            port=self.server.port,
-            startup_params=kwargs.pop("startup_params"),
-            timeout=kwargs.pop("timeout"),
+
+def _terminate(pg: Engine) -> None:
+    with pg.connect() as connection:
+        connection.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = :name"
+            ),
+            {"name": APP_NAME},
         )
 
-    def close(self) -> None:
-        self.closed = True
+
+def _backends(pg: Engine) -> int:
+    with pg.connect() as connection:
+        query = text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name")
+        return int(connection.scalar(query, {"name": APP_NAME}) or 0)
 
 
-@pytest.fixture
-def fake_connector(database_url: URL, monkeypatch: pytest.MonkeyPatch) -> type[FakeConnector]:
-    """Replace the Cloud SQL connector class with the stand-in."""
-    FakeConnector.instances = []
-    FakeConnector.server = database_url
-    monkeypatch.setattr(db.cloudsql, "Connector", FakeConnector)
-    return FakeConnector
+def _admin_calls(cloud_sql: CloudSql) -> list[str]:
+    return [request.path.rsplit("/", 1)[-1].split(":")[-1] for request in cloud_sql.admin.received]
 
 
-@pytest.fixture
-def connector_env(pg: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Configure instances for the connector path instead of DATABASE_URL."""
-    monkeypatch.delenv("DATABASE_URL")
-    monkeypatch.setenv("INSTANCE_CONNECTION_NAME", "my-project:europe-west1:main")
-    monkeypatch.setenv("DB_USER", "postgres")
-    monkeypatch.setenv("DB_NAME", "app")
-    monkeypatch.setenv("DB_PASS", PASSWORD)
-    monkeypatch.setenv("DB_POOL_SIZE", "4")
-
-
-@pytest.mark.usefixtures("connector_env")
-def test_connector_is_built_once_lazily_and_serves_many_threads(
-    fake_connector: type[FakeConnector], instances: Callable[..., Instance]
+def test_requests_succeed_through_the_connector(
+    cloud_sql: CloudSql, instances: Callable[..., Instance]
 ) -> None:
-    """One lazy connector per instance, whatever the requests and threads; requests work."""
+    """16 concurrent writes succeed over TLS tunnels; one certificate serves them all."""
     instance = instances()
-    assert fake_connector.instances == []  # nothing at import
-
+    assert cloud_sql.admin.received == []  # nothing at import
     start = threading.Barrier(16)
 
-    def request(n: int) -> int:
+    def create(n: int) -> int:
         start.wait()
         body = {"name": "U", "email": f"u{n}@example.com"}
         return int(instance.client.post("/users", json=body).status_code)
 
     with ThreadPoolExecutor(16) as pool:
-        assert list(pool.map(request, range(16))) == [201] * 16
-    assert instance.client.get("/users?limit=100").status_code == 200
+        assert list(pool.map(create, range(16))) == [201] * 16
 
-    assert len(fake_connector.instances) == 1
-    connector = fake_connector.instances[0]
-    assert connector.options == {
-        "ip_type": IPTypes.PUBLIC,
-        "enable_iam_auth": False,
-        "refresh_strategy": "lazy",
+    assert len(instance.client.get("/users?limit=100").json["users"]) == 16
+    assert isinstance(instance.database._connector, Connector)
+    assert sorted(_admin_calls(cloud_sql)) == ["connectSettings", "generateEphemeralCert"]
+    assert 1 <= len(cloud_sql.proxy.tunnels) <= 4  # the pool, never a connection per request
+    assert {tunnel.serial for tunnel in cloud_sql.proxy.tunnels} == {
+        cloud_sql.admin.issued[0].serial
     }
-    assert 1 <= len(connector.connects) <= 4  # the pool, never a connection per request
-    name, driver, kwargs = connector.connects[0]
-    assert (name, driver) == ("my-project:europe-west1:main", "pg8000")
-    assert (kwargs["user"], kwargs["db"], kwargs["password"]) == ("postgres", "app", PASSWORD)
 
 
-@pytest.mark.usefixtures("connector_env")
-def test_private_ip_and_iam_authentication_reach_the_connector(
-    fake_connector: type[FakeConnector],
+def test_backends_carry_the_timeouts_and_the_application_name(
+    cloud_sql: CloudSql, instances: Callable[..., Instance], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside a request, statement_timeout, the idle timeout and application_name are in force."""
+    monkeypatch.setenv("DB_STATEMENT_TIMEOUT", "7")
+    monkeypatch.setenv("DB_IDLE_IN_TRANSACTION_TIMEOUT", "11")
+
+    response = instances("probe", PROBE).client.get("/settings")
+
+    assert response.status_code == 200
+    assert response.json == {
+        "statement_timeout": "7s",
+        "idle_in_transaction_session_timeout": "11s",
+        "application_name": APP_NAME,
+    }
+
+
+def test_a_killed_backend_is_replaced(
+    cloud_sql: CloudSql, instances: Callable[..., Instance], pg: Engine
+) -> None:
+    """After the server ends every pooled connection, the next requests open new tunnels."""
+    client = instances().client
+    assert client.get("/healthz").status_code == 200
+    before = len(cloud_sql.proxy.tunnels)
+
+    _terminate(pg)
+
+    assert [client.get("/healthz").status_code for _ in range(4)] == [200] * 4
+    assert len(cloud_sql.proxy.tunnels) > before
+
+
+def test_an_expiring_certificate_is_refreshed_without_a_failed_request(
+    cloud_sql: CloudSql, instances: Callable[..., Instance], pg: Engine
+) -> None:
+    """A certificate near its end is replaced when the next connection is opened; no request
+    fails on the way."""
+    # The connector renews a certificate within 4 minutes of its end: this one gets there in 2 s.
+    cloud_sql.admin.certificate_lifetime = timedelta(minutes=4, seconds=2)
+    client = instances().client
+    assert client.get("/healthz").status_code == 200
+    time.sleep(2.5)
+
+    _terminate(pg)
+    statuses = [client.get("/healthz").status_code for _ in range(3)]
+
+    assert statuses == [200] * 3
+    first, second = cloud_sql.admin.issued
+    assert second.not_after > first.not_after
+    assert cloud_sql.proxy.tunnels[-1].serial == second.serial
+
+
+def test_iam_authentication_logs_in_as_the_service_account(
+    cloud_sql: CloudSql,
     instances: Callable[..., Instance],
+    postgres: PostgresServer,
+    pg: Engine,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """DB_IP_TYPE and DB_IAM_AUTH reach the connector as ip_type and IAM flag; no password."""
-    monkeypatch.setenv("DB_IP_TYPE", "PRIVATE")
+    """With DB_IAM_AUTH=true there is no password: the certificate carries the login token and
+    the database user is the service account's."""
+    with pg.begin() as connection:
+        if not connection.scalar(
+            text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": IAM_USER}
+        ):
+            connection.exec_driver_sql(f'CREATE ROLE "{IAM_USER}" LOGIN')
+        connection.exec_driver_sql(f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{IAM_USER}"')
+        connection.exec_driver_sql(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{IAM_USER}"')
+    postgres.trust(IAM_USER)
     monkeypatch.setenv("DB_IAM_AUTH", "true")
+    monkeypatch.setenv("DB_USER", cloud_sql.oauth.account)
     monkeypatch.delenv("DB_PASS")
 
-    assert instances().client.get("/healthz").status_code == 200
+    client = instances().client
+    created = client.post("/users", json={"name": "Iam", "email": "iam@example.com"})
 
-    connector = fake_connector.instances[0]
-    assert connector.options["ip_type"] is IPTypes.PRIVATE
-    assert connector.options["enable_iam_auth"] is True
-    _, _, kwargs = connector.connects[0]
-    assert "password" not in kwargs
-    assert kwargs["ip_type"] is IPTypes.PRIVATE
-    assert kwargs["enable_iam_auth"] is True
+    assert created.status_code == 201
+    assert {issued.iam_user for issued in cloud_sql.admin.issued} == {IAM_USER}
+    assert {tunnel.user for tunnel in cloud_sql.proxy.tunnels} == {IAM_USER}
 
 
-@pytest.mark.usefixtures("connector_env")
-def test_dispose_closes_the_connector(
-    fake_connector: type[FakeConnector], instances: Callable[..., Instance]
+def test_dispose_closes_the_connector_and_its_tunnels(
+    cloud_sql: CloudSql, instances: Callable[..., Instance]
 ) -> None:
     """Disposing the instance's database closes its connector; the next request builds anew."""
     instance = instances()
-    instance.client.get("/healthz")
+    assert instance.client.get("/healthz").status_code == 200
+    connector = instance.database._connector
 
     instance.database.dispose()
 
-    assert fake_connector.instances[0].closed
+    assert connector._closed
+    cloud_sql.wait_for_tunnels(0)
     assert instance.client.get("/healthz").status_code == 200
-    assert len(fake_connector.instances) == 2
+    assert instance.database._connector is not connector
 
 
-@pytest.mark.usefixtures("connector_env")
-def test_sigterm_disposes_and_then_runs_the_previous_handler(
-    fake_connector: type[FakeConnector], instances: Callable[..., Instance]
+def test_sigterm_closes_the_connector_and_every_connection(
+    cloud_sql: CloudSql, pg: Engine, tmp_path: Path
 ) -> None:
-    """SIGTERM closes the connector, then hands the signal to whoever handled it before."""
-    received: list[int] = []
-    original = signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
+    """functions-framework stopped with SIGTERM exits 0 and leaves no tunnel and no backend."""
+    port = free_port()
+    log = tmp_path / "server.log"
+    env = {**os.environ, "THREADS": "2"}
+    with log.open("w") as output:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).with_name("functions-framework")), "--target=api",
+             f"--source={ROOT / 'main.py'}", f"--port={port}"],
+            cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
-        instance = instances()
-        instance.client.get("/healthz")
-        handler = signal.getsignal(signal.SIGTERM)
-        assert callable(handler)
+        _wait_until_healthy(port, server, log)
+        assert cloud_sql.proxy.open_tunnels == 1
+        assert _backends(pg) == 1
 
-        handler(signal.SIGTERM, None)
-
-        assert fake_connector.instances[0].closed
-        assert received == [signal.SIGTERM]
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0, log.read_text()[-3000:]
     finally:
-        signal.signal(signal.SIGTERM, original)
+        if server.poll() is None:
+            server.kill()
+
+    cloud_sql.wait_for_tunnels(0)
+    assert _backends(pg) == 0
+    assert "database disposed" in log.read_text()
+
+
+def _wait_until_healthy(port: int, server: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        assert server.poll() is None, log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as reply:
+                assert reply.status == 200
+                return
+        except OSError:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
 
 
 def test_no_connector_without_instance_connection_name(
-    fake_connector: type[FakeConnector], client: Any
+    cloud_sql_stand_in: CloudSql, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With DATABASE_URL, no connector is ever constructed and no Google credentials are needed."""
+    """With DATABASE_URL, no connector is built and Google is never asked for anything."""
+    for name, value in cloud_sql_stand_in.environment().items():
+        monkeypatch.setenv(name, value)
+    asked = len(cloud_sql_stand_in.admin.received) + len(cloud_sql_stand_in.oauth.received)
+
     assert client.post("/users", json={"name": "A", "email": "a@example.com"}).status_code == 201
     assert client.get("/healthz").status_code == 200
-    assert fake_connector.instances == []
+
+    assert sys.modules["main"].database._connector is None
+    assert len(cloud_sql_stand_in.admin.received) + len(cloud_sql_stand_in.oauth.received) == asked
+
+
+@needs_gcloud
+def test_migrate_reads_the_password_from_secret_manager_and_migrates_through_the_connector(
+    cloud_sql_stand_in: CloudSql, deploy: Deploy, postgres: PostgresServer
+) -> None:
+    """deploy.sh --migrate: the real gcloud reads the secret, the real connector migrates an
+    empty database, then the functions deploy."""
+    admin = create_engine(postgres.url(), poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql("DROP DATABASE IF EXISTS deployed")
+        connection.exec_driver_sql("DROP ROLE IF EXISTS deployer")
+        connection.exec_driver_sql(
+            f"CREATE ROLE deployer LOGIN PASSWORD '{SECRET_IN_SECRET_MANAGER}'"
+        )
+        connection.exec_driver_sql("CREATE DATABASE deployed OWNER deployer")
+    admin.dispose()
+
+    result = deploy(
+        "--migrate", "health", DB_NAME="deployed", DB_USER="deployer", FUNCTIONS="health",
+        **cloud_sql_stand_in.environment(),
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    migrated = create_engine(postgres.url("deployed"), poolclass=NullPool)
+    assert {"users", "items", "transfers"} <= set(inspect(migrated).get_table_names())
+    migrated.dispose()
+    assert SECRET_IN_SECRET_MANAGER not in result.stdout + result.stderr
+    assert list(deploy.api.functions) == ["health"]

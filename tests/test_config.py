@@ -63,6 +63,13 @@ def test_connector_settings_are_read() -> None:
     assert SECRET not in repr(settings)
 
 
+def test_admin_api_endpoint_is_google_unless_set() -> None:
+    """CLOUD_SQL_ADMIN_API_ENDPOINT, when set, is handed to the connector without its slash."""
+    assert load_settings(CONNECTOR).cloud_sql.admin_api_endpoint is None  # type: ignore[union-attr]
+    settings = load_settings({**CONNECTOR, "CLOUD_SQL_ADMIN_API_ENDPOINT": "https://sql.example/"})
+    assert settings.cloud_sql.admin_api_endpoint == "https://sql.example"  # type: ignore[union-attr]
+
+
 def test_iam_authentication_needs_no_password() -> None:
     """DB_IAM_AUTH=true connects without DB_PASS."""
     environ = {**CONNECTOR, "DB_IAM_AUTH": "true"}
@@ -87,6 +94,7 @@ def test_iam_authentication_needs_no_password() -> None:
         ({**CONNECTOR, "DB_IAM_AUTH": "true"}, "DB_PASS"),
         ({**CONNECTOR, "DB_IAM_AUTH": "yes"}, "DB_IAM_AUTH"),
         ({**CONNECTOR, "DB_IP_TYPE": "INTERNAL"}, "DB_IP_TYPE"),
+        ({**CONNECTOR, "CLOUD_SQL_ADMIN_API_ENDPOINT": "sqladmin"}, "CLOUD_SQL_ADMIN_API_ENDPOINT"),
         ({"DB_POOL_SIZE": "0"}, "DB_POOL_SIZE"),
         ({"DB_POOL_SIZE": "ten"}, "DB_POOL_SIZE"),
         ({"DB_MAX_OVERFLOW": "-1"}, "DB_MAX_OVERFLOW"),

@@ -1,7 +1,8 @@
-"""deploy.sh, run against a stand-in gcloud (and python, for --migrate) that records its arguments.
+"""deploy.sh driving the real gcloud CLI against a stand-in of Google's APIs on 127.0.0.1.
 
-Google's CLI cannot reach Google here, so the stand-ins are the network edge: they log each
-call as a JSON line and answer `gcloud secrets versions access` with a made-up password.
+Google cannot be reached from here, so only its APIs are faked (``tests/google/functions.py``):
+gcloud itself runs unchanged, builds and uploads its own zip, and sends its own requests. The
+tests assert on what gcloud really sent, then unpack the uploaded zip and serve it.
 """
 
 from __future__ import annotations
@@ -11,182 +12,299 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
 
 from tests.conftest import ROOT
-
-SECRET_VALUE = "pw-from-secret-manager-91d2"
-SETTINGS = {
-    "PROJECT_ID": "acme-prod",
-    "REGION": "europe-west1",
-    "INSTANCE_CONNECTION_NAME": "acme-prod:europe-west1:main",
-    "DB_NAME": "app",
-    "DB_USER": "app",
-    "SERVICE_ACCOUNT": "functions@acme-prod.iam.gserviceaccount.com",
-    "DB_PASS_SECRET": "db-pass",
-}
-STAND_IN = f"""#!{sys.executable}
-import json, os, sys
-name = os.path.basename(sys.argv[0])
-with open(os.environ["CALLS_LOG"], "a") as log:
-    log.write(json.dumps({{"program": name, "args": sys.argv[1:],
-                          "DB_PASS": os.environ.get("DB_PASS")}}) + "\\n")
-if name == "gcloud" and sys.argv[1:4] == ["secrets", "versions", "access"]:
-    print("{SECRET_VALUE}")
-"""
+from tests.deploying import (
+    GCLOUD,
+    LOCAL_CLUTTER,
+    PASSWORD_IN_SHELL,
+    RUNTIME_TOP_LEVEL,
+    SETTINGS,
+    Deploy,
+    entry_points,
+    needs_gcloud,
+    start_deploy,
+)
+from tests.postgres import PostgresServer, free_port
 
 
-class Deploy:
-    """Runs deploy.sh with the stand-ins first on PATH and reads what they recorded."""
+@pytest.fixture(scope="module")
+def full_deploy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deploy]:
+    """Every function deployed once, with a VPC connector and a build service account."""
+    if GCLOUD is None:
+        pytest.skip("the Google Cloud CLI (gcloud) is not installed here; CI has it")
+    runner = start_deploy(tmp_path_factory.mktemp("full-deploy"))
+    result = runner(
+        VPC_CONNECTOR="functions-egress",
+        BUILD_SERVICE_ACCOUNT="builder@acme-prod.iam.gserviceaccount.com",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    yield runner
+    runner.api.stop()
 
-    def __init__(self, root: Path) -> None:
-        self.bin = root / "bin"
-        self.bin.mkdir()
-        self.log = root / "calls.jsonl"
-        for program in ("gcloud", "python"):
-            stand_in = self.bin / program
-            stand_in.write_text(STAND_IN)
-            stand_in.chmod(0o755)
 
-    def __call__(self, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
-        env = {
-            "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}",
-            "CALLS_LOG": str(self.log),
-            "PYTHON": str(self.bin / "python"),
-            **{k: v for k, v in {**SETTINGS, **settings}.items() if v is not None},
-        }
-        return subprocess.run(
-            ["bash", str(ROOT / "deploy.sh"), *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+def _limits(deploy: Deploy) -> dict[str, int]:
+    """Each deployed function's max instances."""
+    return {
+        name: function["serviceConfig"]["maxInstanceCount"]
+        for name, function in deploy.api.functions.items()
+    }
+
+
+@needs_gcloud
+def test_every_entry_point_of_main_is_deployed(full_deploy: Deploy) -> None:
+    """Without arguments, each function main.py registers is deployed, by its own name."""
+    assert sorted(full_deploy.api.functions) == sorted(entry_points())
+    assert full_deploy.writes() == [f"create {name}" for name in entry_points()]
+
+
+@needs_gcloud
+def test_each_function_is_sent_as_configured(full_deploy: Deploy) -> None:
+    """Runtime, entry point, settings, secret reference, limits and accounts reach the API."""
+    for name, function in full_deploy.api.functions.items():
+        build, service = function["buildConfig"], function["serviceConfig"]
+        assert (build["runtime"], build["entryPoint"]) == ("python312", name)
+        assert build["serviceAccount"] == (
+            "projects/acme-prod/serviceAccounts/builder@acme-prod.iam.gserviceaccount.com"
         )
-
-    def calls(self) -> list[dict[str, object]]:
-        if not self.log.exists():
-            return []
-        return [json.loads(line) for line in self.log.read_text().splitlines()]
-
-    def deploys(self) -> list[list[str]]:
-        return [
-            list(call["args"])  # type: ignore[call-overload]
-            for call in self.calls()
-            if call["program"] == "gcloud" and call["args"][:2] == ["functions", "deploy"]
-        ]
-
-
-@pytest.fixture
-def deploy(tmp_path: Path) -> Deploy:
-    """deploy.sh with stand-in gcloud and python."""
-    return Deploy(tmp_path)
-
-
-def flags(args: list[str]) -> dict[str, str]:
-    """--name=value flags of one call as a dict (bare flags map to "")."""
-    return dict([*arg.split("=", 1), ""][:2] for arg in args if arg.startswith("--"))
-
-
-def test_deploys_every_function_with_the_expected_flags(deploy: Deploy) -> None:
-    """By default all five functions are deployed as 2nd gen HTTP functions, privately."""
-    result = deploy()
-
-    assert result.returncode == 0, result.stderr
-    deployed = deploy.deploys()
-    assert [args[2] for args in deployed] == ["users", "items", "transfers", "health", "api"]
-    for args in deployed:
-        given = flags(args)
-        assert given["--gen2"] == given["--trigger-http"] == given["--quiet"] == ""
-        assert given["--no-allow-unauthenticated"] == ""
-        assert "--allow-unauthenticated" not in given
-        assert given["--entry-point"] == args[2]
-        assert given["--source"] == "."
-        assert given["--runtime"] == "python312"
-        assert (given["--project"], given["--region"]) == ("acme-prod", "europe-west1")
-        assert given["--service-account"] == SETTINGS["SERVICE_ACCOUNT"]
-        assert (given["--concurrency"], given["--cpu"], given["--memory"]) == ("8", "1", "512Mi")
-        assert given["--set-secrets"] == "DB_PASS=db-pass:latest"
-        env_vars = dict(pair.split("=", 1) for pair in given["--set-env-vars"].split(","))
-        assert env_vars["THREADS"] == env_vars["DB_POOL_SIZE"] == given["--concurrency"]
-        assert env_vars["INSTANCE_CONNECTION_NAME"] == SETTINGS["INSTANCE_CONNECTION_NAME"]
-        assert "DB_PASS" not in env_vars
+        assert service["environmentVariables"] == {
+            "INSTANCE_CONNECTION_NAME": "acme-prod:europe-west1:main",
+            "DB_USER": "app",
+            "DB_NAME": "app",
+            "DB_IP_TYPE": "PUBLIC",
+            "DB_IAM_AUTH": "false",
+            "DB_POOL_SIZE": "8",
+            "DB_MAX_OVERFLOW": "0",
+            "THREADS": "8",
+            "LOG_LEVEL": "INFO",
+            "GOOGLE_CLOUD_PROJECT": "acme-prod",
+        }
+        [secret] = service["secretEnvironmentVariables"]
+        assert (secret["key"], secret["secret"], secret["version"]) == (
+            "DB_PASS",
+            "db-pass",
+            "latest",
+        )
+        assert service["maxInstanceCount"] == 2  # (100 - 10) / 8 / 5
+        assert service["maxInstanceRequestConcurrency"] == 8
+        assert (service["availableCpu"], service["availableMemory"]) == ("1", "512Mi")
+        assert service["timeoutSeconds"] == 60
+        assert service["serviceAccountEmail"] == SETTINGS["SERVICE_ACCOUNT"]
+        assert service["vpcConnector"].endswith("/connectors/functions-egress")
+    assert full_deploy.api.invokers == {}  # private: nobody was granted run.invoker
 
 
-def test_max_instances_comes_from_the_connection_budget(deploy: Deploy) -> None:
-    """(max_connections - reserve) / (pool + overflow) / functions, printed with its arithmetic."""
-    result = deploy(DB_MAX_CONNECTIONS="200", DB_RESERVED_CONNECTIONS="20", DB_MAX_OVERFLOW="2")
+@needs_gcloud
+def test_no_password_and_no_request_leave_for_a_real_host(full_deploy: Deploy) -> None:
+    """DB_PASS in the deployer's shell reaches no request and no output; gcloud called only
+    the stand-in."""
+    sent = b"".join(request.body for request in full_deploy.api.received)
+    assert PASSWORD_IN_SHELL.encode() not in sent
+    assert PASSWORD_IN_SHELL not in "".join(full_deploy.outputs)
+    assert full_deploy.hosts_called() == {full_deploy.api.url}
 
-    assert result.returncode == 0, result.stderr
-    assert {flags(args)["--max-instances"] for args in deploy.deploys()} == {"3"}  # 180 / 10 / 5
-    assert "= --max-instances=3 per function" in result.stdout
+
+@needs_gcloud
+def test_the_upload_holds_exactly_the_runtime_files(full_deploy: Deploy) -> None:
+    """The zip gcloud built holds main.py, requirements.txt, db/, service/, web/, nothing more."""
+    expected = {path for path in full_deploy.tracked if path.split("/")[0] in RUNTIME_TOP_LEVEL}
+    for name in full_deploy.api.functions:
+        files = {
+            entry for entry in full_deploy.uploaded_zip(name).namelist() if not entry.endswith("/")
+        }
+        assert files == expected
+    assert "db/migrations/versions/0001_users.py" in expected
+    assert not expected & set(LOCAL_CLUTTER)
 
 
-def test_only_the_chosen_function_is_deployed(deploy: Deploy) -> None:
-    """Naming api deploys api alone, with the whole budget: 90 / 8 = 11 instances."""
+@needs_gcloud
+def test_the_uploaded_source_installs_migrates_and_serves(
+    full_deploy: Deploy, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """Unpacked into a fresh folder with only its requirements.txt installed, the upload
+    migrates an empty database and serves the api function."""
+    source = tmp_path / "source"
+    full_deploy.uploaded_zip("api").extractall(source)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    installed = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
+         str(source / "requirements.txt")],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    url = _empty_database(postgres, "uploaded")
+    env = {
+        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "DATABASE_URL": url.render_as_string(hide_password=False),
+    }
+    migrated = subprocess.run(
+        [str(python), "-m", "db", "upgrade"],
+        cwd=source, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert migrated.returncode == 0, migrated.stderr
+
+    port = free_port()
+    log = tmp_path / "server.log"
+    with log.open("w") as output:
+        server = subprocess.Popen(
+            [str(venv / "bin" / "functions-framework"), "--target=api", f"--port={port}"],
+            cwd=source, env=env, stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_for_http(f"{base}/healthz", server, log)
+        ada = _call("POST", f"{base}/users", {"name": "Ada", "email": "ada@x.io", "balance": 50})
+        bob = _call("POST", f"{base}/users", {"name": "Bob", "email": "bob@x.io"})
+        transfer = {"from_user_id": ada[1]["id"], "to_user_id": bob[1]["id"], "amount": 20}
+        assert ada[0] == bob[0] == 201
+        assert _call("POST", f"{base}/transfers", transfer)[0] == 201
+        assert _call("GET", f"{base}/users/{bob[1]['id']}")[1]["balance"] == 20
+        assert _call("GET", f"{base}/healthz") == (200, {"status": "ok", "database": "ok"})
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _empty_database(postgres: PostgresServer, name: str) -> URL:
+    admin = create_engine(postgres.url(), poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    admin.dispose()
+    return postgres.url(name)
+
+
+def _wait_for_http(url: str, server: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        assert server.poll() is None, log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, "the uploaded source did not start serving"
+            time.sleep(0.2)
+
+
+def _call(method: str, url: str, body: object = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.status, json.loads(response.read() or b"null")
+
+
+@needs_gcloud
+def test_redeploying_some_functions_keeps_every_function_within_the_budget(deploy: Deploy) -> None:
+    """Deploying api alone after a full deploy gives it the same share, not the whole budget."""
+    assert deploy().returncode == 0
+
     result = deploy("api")
 
-    assert result.returncode == 0, result.stderr
-    assert [args[2] for args in deploy.deploys()] == ["api"]
-    assert flags(deploy.deploys()[0])["--max-instances"] == "11"
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(_limits(deploy).values()) == {2}
+    assert sum(_limits(deploy).values()) * 8 <= 100 - 10
 
 
-def test_allow_unauthenticated_is_opt_in(deploy: Deploy) -> None:
-    """--allow-unauthenticated replaces --no-allow-unauthenticated."""
-    assert deploy("--allow-unauthenticated", "health").returncode == 0
-    given = flags(deploy.deploys()[0])
-    assert "--allow-unauthenticated" in given
-    assert "--no-allow-unauthenticated" not in given
+@needs_gcloud
+def test_the_functions_setting_shares_the_budget_between_fewer_functions(deploy: Deploy) -> None:
+    """FUNCTIONS=api makes api the only function on the instance: (100 - 10) / 8 = 11."""
+    result = deploy(FUNCTIONS="api")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _limits(deploy) == {"api": 11}
 
 
-def test_iam_authentication_deploys_no_password_at_all(deploy: Deploy) -> None:
-    """With DB_IAM_AUTH=true there is no secret and DB_IAM_AUTH=true reaches the function."""
+@needs_gcloud
+def test_functions_already_deployed_on_the_instance_count_against_the_budget(
+    deploy: Deploy,
+) -> None:
+    """A function left deployed on the same instance with a large limit stops the deploy,
+    named; one on another instance is not counted."""
+    resource = "projects/acme-prod/locations/europe-west1/functions/"
+    for name, instance in (("reports", "acme-prod:europe-west1:main"), ("other", "x:y:z")):
+        deploy.api.functions[name] = {
+            "name": resource + name,
+            "environment": "GEN_2",
+            "serviceConfig": {
+                "maxInstanceCount": 11,
+                "maxInstanceRequestConcurrency": 8,
+                "environmentVariables": {"INSTANCE_CONNECTION_NAME": instance, "DB_POOL_SIZE": "8"},
+            },
+        }
+
+    result = deploy("api", FUNCTIONS="api")
+
+    assert result.returncode == 2
+    complaint = "\n".join(
+        line for line in result.stderr.splitlines() if line.startswith("deploy.sh:")
+    )
+    assert "reports in europe-west1 (11 instances x 8)" in complaint
+    assert "other" not in complaint
+    assert deploy.writes() == []
+
+
+@needs_gcloud
+def test_switching_to_iam_authentication_removes_the_password_secret(deploy: Deploy) -> None:
+    """A function deployed with DB_PASS from Secret Manager loses the secret under IAM auth."""
+    assert deploy("api").returncode == 0
+    assert deploy.function("api")["serviceConfig"]["secretEnvironmentVariables"]
+
     result = deploy("api", DB_IAM_AUTH="true", DB_PASS_SECRET=None)
 
-    assert result.returncode == 0, result.stderr
-    given = flags(deploy.deploys()[0])
-    assert "--set-secrets" not in given
-    assert "DB_IAM_AUTH=true" in given["--set-env-vars"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    service = deploy.function("api")["serviceConfig"]
+    assert "secretEnvironmentVariables" not in service
+    assert service["environmentVariables"]["DB_IAM_AUTH"] == "true"
 
 
-def test_a_password_in_the_environment_is_never_passed_on(deploy: Deploy) -> None:
-    """DB_PASS set in the deployer's shell appears in no argument and no output."""
-    result = deploy(DB_PASS="hunter2-from-shell")  # noqa: S106  # a value to look for
+@needs_gcloud
+def test_a_vpc_connector_taken_out_of_the_settings_is_removed(deploy: Deploy) -> None:
+    """Redeploying without VPC_CONNECTOR detaches the connector the function had."""
+    assert deploy("api", VPC_CONNECTOR="functions-egress").returncode == 0
+    assert deploy.function("api")["serviceConfig"]["vpcConnector"]
 
-    assert result.returncode == 0, result.stderr
-    assert "hunter2-from-shell" not in json.dumps(deploy.calls()) + result.stdout + result.stderr
+    assert deploy("api").returncode == 0
+
+    assert "vpcConnector" not in deploy.function("api")["serviceConfig"]
 
 
-def test_dry_run_prints_every_command_and_runs_none(deploy: Deploy) -> None:
-    """--dry-run calls nothing and prints each gcloud command, migration included."""
+@needs_gcloud
+def test_allow_unauthenticated_grants_everyone_the_invoker_role(deploy: Deploy) -> None:
+    """--allow-unauthenticated binds allUsers to run.invoker; the default binds nobody."""
+    assert deploy("health").returncode == 0
+    assert deploy.api.invokers == {}
+
+    assert deploy("--allow-unauthenticated", "health").returncode == 0
+
+    assert deploy.api.invokers["health"] == [{"members": ["allUsers"], "role": "roles/run.invoker"}]
+
+
+def test_dry_run_prints_every_command_and_sends_nothing(deploy: Deploy) -> None:
+    """--dry-run runs no command: the stand-in receives nothing; each command is printed."""
     result = deploy("--dry-run", "--migrate")
 
     assert result.returncode == 0, result.stderr
-    assert deploy.calls() == []
+    assert deploy.api.received == []
     printed = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
-    assert len(printed) == 2 + 5
-    assert "gcloud secrets versions access latest --secret=db-pass" in printed[0]
-    assert printed[1].endswith("-m db upgrade")
-    assert all("gcloud functions deploy" in line for line in printed[2:])
-
-
-def test_migration_runs_first_with_the_password_from_secret_manager(deploy: Deploy) -> None:
-    """--migrate fetches the secret, hands it only to `python -m db upgrade`, then deploys."""
-    result = deploy("--migrate", "api")
-
-    assert result.returncode == 0, result.stderr
-    calls = deploy.calls()
-    assert calls[0]["args"][:3] == ["secrets", "versions", "access"]
-    assert calls[1] == {
-        "program": "python",
-        "args": ["-m", "db", "upgrade"],
-        "DB_PASS": SECRET_VALUE,
-    }
-    assert calls[2]["args"][:2] == ["functions", "deploy"]
-    assert calls[2]["DB_PASS"] is None
-    assert SECRET_VALUE not in result.stdout + result.stderr
+    assert "gcloud functions list" in printed[0]
+    assert "gcloud secrets versions access latest --secret=db-pass" in printed[1]
+    assert printed[2].endswith("-m db upgrade")
+    assert [line.split()[4] for line in printed[3:]] == entry_points()
 
 
 @pytest.mark.parametrize(
@@ -199,32 +317,47 @@ def test_migration_runs_first_with_the_password_from_secret_manager(deploy: Depl
         ({"DB_IAM_AUTH": "true"}, "DB_PASS_SECRET must not be set"),
         ({"INSTANCE_CONNECTION_NAME": "main"}, "INSTANCE_CONNECTION_NAME must look like"),
         ({"SERVICE_ACCOUNT": "functions"}, "SERVICE_ACCOUNT must be a service account email"),
+        ({"BUILD_SERVICE_ACCOUNT": "x"}, "BUILD_SERVICE_ACCOUNT must be a service account email"),
         ({"DB_IP_TYPE": "INTERNAL"}, "DB_IP_TYPE must be"),
+        ({"DB_IP_TYPE": "PRIVATE"}, "DB_IP_TYPE=PRIVATE needs VPC_CONNECTOR"),
+        ({"DB_IP_TYPE": "PSC"}, "DB_IP_TYPE=PSC needs VPC_CONNECTOR"),
         ({"CONCURRENCY": "0"}, "CONCURRENCY must be a whole number"),
         ({"CPU": "0.5"}, "CONCURRENCY above 1 needs CPU of at least 1"),
         ({"DB_MAX_CONNECTIONS": "20"}, "the connection budget allows no instance"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL must be"),
+        ({"FUNCTIONS": "api nope"}, "FUNCTIONS names 'nope', which is not an entry point"),
+        ({"FUNCTIONS": "api,api"}, "FUNCTIONS names 'api' twice"),
     ],
 )  # fmt: skip
-def test_bad_settings_stop_before_any_call(
+def test_bad_settings_stop_before_any_request(
     deploy: Deploy, settings: dict[str, str | None], message: str
 ) -> None:
-    """A missing or malformed setting exits 2 with a line naming it, before gcloud runs."""
+    """A missing or malformed setting exits 2 with a line naming it, before gcloud is called."""
     result = deploy("--migrate", **settings)
 
     assert result.returncode == 2
     assert message in result.stderr
-    assert deploy.calls() == []
+    assert deploy.api.received == []
 
 
-@pytest.mark.parametrize("args", [("nope",), ("api", "api"), ("--force",)])
-def test_bad_arguments_stop_before_any_call(deploy: Deploy, args: tuple[str, ...]) -> None:
-    """An unknown function or option, or a function named twice, exits 2 before gcloud runs."""
-    result = deploy(*args)
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("nope",), "unknown function 'nope'; main.py has: "),
+        (("api", "api"), "api is named twice"),
+        (("--force",), "unknown option --force"),
+        (("users",), "users is not in FUNCTIONS"),
+    ],
+)
+def test_bad_arguments_stop_before_any_request(
+    deploy: Deploy, args: tuple[str, ...], message: str
+) -> None:
+    """An unknown function or option, a function named twice or outside FUNCTIONS exits 2."""
+    result = deploy(*args, FUNCTIONS="api health")
 
     assert result.returncode == 2
-    assert result.stderr.startswith("deploy.sh: ")
-    assert deploy.calls() == []
+    assert message in result.stderr
+    assert deploy.api.received == []
 
 
 def test_scripts_are_shellcheck_clean() -> None:

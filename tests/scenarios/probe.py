@@ -164,6 +164,15 @@ def hold(session: Session, call: Call) -> Reply:
     return Reply(200, {})
 
 
+def settings(session: Session, call: Call) -> Reply:
+    """The server settings in force inside this request's transaction."""
+    names = ("statement_timeout", "idle_in_transaction_session_timeout", "application_name")
+    values = session.execute(
+        text("SELECT " + ", ".join(f"current_setting('{name}')" for name in names))
+    ).one()
+    return Reply(200, dict(zip(names, values, strict=True)))
+
+
 def _one(method: str, view: http.View, **options: Any) -> Resource:
     return Resource(collection={method: Endpoint(view, **options)})
 
@@ -184,6 +193,7 @@ ROUTER = Router(
         "write": _one("POST", write),
         "sleep": _one("POST", sleep, query=lambda args: float(args["seconds"])),
         "hold": _one("POST", hold, query=lambda args: int(args["id"])),
+        "settings": _one("GET", settings),
     }
 )
 
