@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.copies import copy_of_the_project
 from tests.google.functions import FunctionsApi
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +36,7 @@ SETTINGS = {
     "DB_PASS_SECRET": "db-pass",
 }
 RUNTIME_TOP_LEVEL = ("main.py", "requirements.txt", "db", "service", "web")
+RUNTIME_DOCUMENTS = ("docs/openapi.yaml",)  # served by the api function
 # Files a working copy holds that must never be uploaded.
 LOCAL_CLUTTER = [".venv/lib/python3.11/site.py", "__pycache__/main.cpython-311.pyc",
                  "db/__pycache__/engine.cpython-311.pyc", "web/__pycache__/http.cpython-311.pyc",
@@ -54,28 +56,6 @@ def entry_points() -> list[str]:
         for name, value in vars(module).items()
         if _function_registry.REGISTRY_MAP.get(name) == "http" and callable(value)
     ]
-
-
-def copy_of_the_project(destination: Path) -> list[str]:
-    """Copy the tracked files of this checkout, plus a working copy's clutter; the files copied."""
-    tracked = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=False, timeout=30
-    ).stdout.decode()
-    paths = [path for path in tracked.split("\0") if path]
-    if not paths:  # not a git checkout: everything but local state
-        paths = [
-            str(path.relative_to(ROOT))
-            for path in ROOT.rglob("*")
-            if path.is_file() and not {".git", ".venv", "__pycache__"} & set(path.parts)
-        ]
-    for path in paths:
-        target = destination / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / path, target)
-    for path in LOCAL_CLUTTER:
-        (destination / path).parent.mkdir(parents=True, exist_ok=True)
-        (destination / path).write_text("local only\n")
-    return paths
 
 
 class Deploy:
@@ -144,6 +124,6 @@ class Deploy:
 def start_deploy(folder: Path) -> Deploy:
     """A stand-in project with no function, and deploy.sh in a fresh copy of this one."""
     api = FunctionsApi(secrets={"db-pass": SECRET_IN_SECRET_MANAGER}).start()
-    tracked = copy_of_the_project(folder / "project")
+    tracked = copy_of_the_project(folder / "project", clutter=LOCAL_CLUTTER)
     (folder / "home").mkdir()
     return Deploy(folder / "project", tracked, api, folder / "home")

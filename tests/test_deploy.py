@@ -23,11 +23,13 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
+from dev.postgres import PostgresServer, free_port
 from tests.conftest import ROOT
 from tests.deploying import (
     GCLOUD,
     LOCAL_CLUTTER,
     PASSWORD_IN_SHELL,
+    RUNTIME_DOCUMENTS,
     RUNTIME_TOP_LEVEL,
     SETTINGS,
     Deploy,
@@ -35,7 +37,6 @@ from tests.deploying import (
     needs_gcloud,
     start_deploy,
 )
-from tests.postgres import PostgresServer, free_port
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +117,13 @@ def test_no_password_and_no_request_leave_for_a_real_host(full_deploy: Deploy) -
 
 @needs_gcloud
 def test_the_upload_holds_exactly_the_runtime_files(full_deploy: Deploy) -> None:
-    """The zip gcloud built holds main.py, requirements.txt, db/, service/, web/, nothing more."""
-    expected = {path for path in full_deploy.tracked if path.split("/")[0] in RUNTIME_TOP_LEVEL}
+    """The zip gcloud built holds main.py, requirements.txt, db/, service/, web/ and the OpenAPI
+    document, nothing more."""
+    expected = {
+        path
+        for path in full_deploy.tracked
+        if path.split("/")[0] in RUNTIME_TOP_LEVEL or path in RUNTIME_DOCUMENTS
+    }
     for name in full_deploy.api.functions:
         files = {
             entry for entry in full_deploy.uploaded_zip(name).namelist() if not entry.endswith("/")
@@ -173,6 +179,7 @@ def test_the_uploaded_source_installs_migrates_and_serves(
         assert _call("POST", f"{base}/transfers", transfer)[0] == 201
         assert _call("GET", f"{base}/users/{bob[1]['id']}")[1]["balance"] == 20
         assert _call("GET", f"{base}/healthz") == (200, {"status": "ok", "database": "ok"})
+        assert _call("GET", f"{base}/openapi.json")[1]["openapi"] == "3.1.0"
     finally:
         server.terminate()
         server.wait(timeout=30)

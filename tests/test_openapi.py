@@ -1,4 +1,4 @@
-"""openapi.yaml is kept true by fuzzing the running api entry point with schemathesis.
+"""docs/openapi.yaml is kept true by fuzzing the running api entry point with schemathesis.
 
 Every generated request, valid or not, must get a documented status, content type, headers
 and body, never a 5xx; and a request that is refused must leave the database as it was.
@@ -7,12 +7,15 @@ and body, never a 5xx; and a request that is refused must leave the database as 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import schemathesis
+import yaml
 from flask import Flask
+from flask.testing import FlaskClient
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -25,6 +28,8 @@ from schemathesis.specs.openapi.checks import (
 from sqlalchemy import Engine, text
 
 from tests.conftest import ROOT, Instance
+from web import routes
+from web.openapi import DOCUMENT
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
 CHECKS = [
@@ -43,7 +48,7 @@ STATE = text(
 )
 
 
-schema = schemathesis.openapi.from_path(ROOT / "openapi.yaml")
+schema = schemathesis.openapi.from_path(DOCUMENT)
 
 
 @pytest.fixture
@@ -79,3 +84,40 @@ def test_every_generated_request_gets_a_documented_answer(
 
     if response.status_code >= 400:
         assert database_state(pg) == before
+
+
+def test_the_api_serves_this_document_at_openapi_json(client: FlaskClient) -> None:
+    """GET /openapi.json is the file the fuzzing above reads, as JSON."""
+    response = client.get("/openapi.json")
+
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.json == yaml.safe_load(DOCUMENT.read_text())
+
+
+def _documented() -> set[tuple[str, str]]:
+    document = yaml.safe_load(DOCUMENT.read_text())
+    methods = {"get", "put", "post", "delete", "patch", "head", "options"}
+    return {
+        (method.upper(), path)
+        for path, item in document["paths"].items()
+        for method in item
+        if method in methods
+    }
+
+
+def test_every_route_of_the_api_is_documented_and_nothing_else() -> None:
+    """The api entry point's routes and the document's operations are the same set."""
+    served = {
+        (method, re.sub(r"<id:(\w+)>", r"{\1}", path))
+        for path, entry in routes.API.routes.items()
+        for method in entry.methods
+    }
+    assert served == _documented()
+
+
+def test_the_prose_contract_names_every_documented_operation() -> None:
+    """docs/API.md lists each operation of the OpenAPI document."""
+    prose = (ROOT / "docs" / "API.md").read_text()
+    for method, path in _documented():
+        assert f"`{method} {path}" in prose, (method, path)

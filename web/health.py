@@ -6,7 +6,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from web.errors import Reply
-from web.http import Call, Endpoint, Resource
+from web.http import Call, Endpoint, route
 
 
 def check(session: Session, call: Call) -> Reply:
@@ -14,4 +14,4 @@ def check(session: Session, call: Call) -> Reply:
     return Reply(200, {"status": "ok", "database": "ok"})
 
 
-RESOURCE = Resource(collection={"GET": Endpoint(check)})
+ROUTES = [route("/healthz", GET=Endpoint(check))]

@@ -2,22 +2,26 @@
 
 Checks run in the contract's order: path (404), method (405), content type (415),
 body size (413), JSON syntax and the Idempotency-Key header (400), field rules (422),
-then the database.
+then the database. Paths are matched by Werkzeug's router; ``<id:name>`` in a rule
+takes an id (ASCII digits, 1 to 2^63-1), and anything else there is a 404.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import flask
 from sqlalchemy.orm import Session
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import BaseConverter, Map, Rule, ValidationError
 
 from db.engine import Database
 from db.session import transaction
@@ -36,11 +40,16 @@ _IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
 
 @dataclass(frozen=True)
 class Call:
-    """A request as a view sees it: the path id, the validated body and query."""
+    """A request as a view sees it: the path parameters, the validated body and query."""
 
-    id: int | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
     body: Any = None
     query: Any = None
+
+    @property
+    def id(self) -> int:
+        """The path's ``<id:id>``."""
+        return int(self.params["id"])
 
 
 View = Callable[[Session, Call], Reply]
@@ -56,38 +65,141 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
-class Resource:
-    """A collection (``/``) and its members (``/{id}``), each a map of method to endpoint."""
+class Document:
+    """A fixed JSON document, served without touching the database."""
 
-    collection: Mapping[str, Endpoint] = field(default_factory=dict)
-    member: Mapping[str, Endpoint] = field(default_factory=dict)
+    content: Callable[[], Any]
 
 
 @dataclass(frozen=True)
-class Router:
-    """Resources by first path segment; ``bare`` is also served without a prefix."""
+class Route:
+    """A Werkzeug rule (``/users/<id:id>``) and what each method does there."""
 
-    resources: Mapping[str, Resource]
-    bare: Resource | None = None
+    path: str
+    methods: Mapping[str, Endpoint | Document]
+
+
+def route(path: str, **methods: Endpoint | Document) -> Route:
+    """``route("/users/<id:id>", GET=Endpoint(read), PATCH=Endpoint(update, body=...))``."""
+    return Route(path, methods)
+
+
+class _IdConverter(BaseConverter):
+    """``<id:name>``: an id, or no match at all (so a 404, whatever the method or body)."""
+
+    regex = r"[0-9]{1,30}"
+
+    def to_python(self, value: str) -> int:
+        number = path_id(value)
+        if number is None:
+            raise ValidationError
+        return number
+
+
+class Router:
+    """The routes one entry point serves.
+
+    With ``mount="/users"``, routes under ``/users`` are also served without that
+    prefix, so a function deployed on its own answers at its root.
+    """
+
+    def __init__(self, routes: Iterable[Route], *, mount: str | None = None) -> None:
+        self.routes = {entry.path: entry for entry in routes}
+        rules = []
+        for entry in self.routes.values():
+            paths = [entry.path]
+            if mount and (entry.path == mount or entry.path.startswith(mount + "/")):
+                paths.append(entry.path.removeprefix(mount) or "/")
+            methods = list(entry.methods)
+            rules += [Rule(path, endpoint=entry.path, methods=methods) for path in paths]
+        self._map = Map(
+            rules,
+            converters={"id": _IdConverter},
+            strict_slashes=False,
+            merge_slashes=False,
+            redirect_defaults=False,
+        )
+
+    def match(self, path: str, method: str) -> tuple[Endpoint | Document, Mapping[str, Any]]:
+        """The endpoint and path parameters for a request; raises ``HttpError`` 404 or 405."""
+        adapter = self._map.bind("localhost")
+        try:
+            key, params = adapter.match("/" + path.strip("/"), method)
+        except NotFound:
+            raise errors.not_found() from None
+        except MethodNotAllowed as refused:
+            allowed = sorted(set(refused.valid_methods or ()) - {"HEAD"})
+            raise errors.method_not_allowed(
+                [*allowed, "HEAD"] if "GET" in allowed else allowed
+            ) from None
+        methods = self.routes[key].methods
+        return methods["GET" if method == "HEAD" else method], params
 
 
 def serve(request: flask.Request, database: Database, router: Router) -> flask.Response:
     """Answer one request; every outcome, including unexpected errors, is a JSON response."""
+    return _respond(request, lambda: _handle(request, database, router))
+
+
+def request_scope(
+    database: Database, *, methods: Iterable[str] | None = None
+) -> Callable[[Callable[[Session, flask.Request], Any]], Callable[[flask.Request], flask.Response]]:
+    """Give a plain functions-framework function the whole per-request scope.
+
+    The decorated function receives a fresh session and the Flask request, and returns a
+    ``Reply`` or any JSON value (a 200). It runs in ``transaction()``: one commit after it
+    returns, a rollback when it raises, retries of transient failures, the session always
+    closed. Exceptions become the contract's error bodies, each request is logged with its
+    request id, and a ``POST`` with an ``Idempotency-Key`` acts once. ``methods`` limits the
+    methods it answers; any other is a 405::
+
+        @functions_framework.http
+        @request_scope(database, methods=["GET"])
+        def richest(session: Session, request: flask.Request) -> dict[str, Any]: ...
+    """
+    allowed = sorted({method.upper() for method in methods}) if methods is not None else None
+
+    def decorate(
+        function: Callable[[Session, flask.Request], Any],
+    ) -> Callable[[flask.Request], flask.Response]:
+        def handle(request: flask.Request) -> Reply:
+            method = "GET" if request.method == "HEAD" else request.method
+            if allowed is not None and method not in allowed:
+                raise errors.method_not_allowed([*allowed, "HEAD"] if "GET" in allowed else allowed)
+
+            def view(session: Session, call: Call) -> Reply:
+                result = function(session, request)
+                return result if isinstance(result, Reply) else Reply(200, result)
+
+            keyed = _keyed(request, lambda: request.get_data(as_text=True))
+            return _run(database, view, Call(), keyed)
+
+        @functools.wraps(function)
+        def entry_point(request: flask.Request) -> flask.Response:
+            return _respond(request, lambda: handle(request))
+
+        return entry_point
+
+    return decorate
+
+
+def _respond(request: flask.Request, handle: Callable[[], Reply]) -> flask.Response:
     started = time.perf_counter()
     context = request_context(_request_id(request), request.headers)
     token = current_request.set(context)
     try:
         try:
-            reply = _handle(request, database, router)
+            reply = handle()
         except Exception as error:  # noqa: BLE001  # every failure becomes the contract's error body
             reply = errors.error_reply(error)
         latency = time.perf_counter() - started
         log.log(
             logging.WARNING if reply.status >= 500 else logging.INFO,
-            "%s %s %d",
+            "%s %s %d %.1f ms",
             request.method,
             request.path,
             reply.status,
+            latency * 1000,
             extra={
                 "method": request.method,
                 "path": request.path,
@@ -122,26 +234,36 @@ def encode(reply: Reply, request_id: str) -> flask.Response:
 
 
 def _handle(request: flask.Request, database: Database, router: Router) -> Reply:
-    resource, item_id = _route(router, request.path)
-    endpoints = resource.member if item_id is not None else resource.collection
-    method = "GET" if request.method == "HEAD" else request.method
-    endpoint = endpoints.get(method)
-    if endpoint is None:
-        allowed = sorted(endpoints)
-        raise errors.method_not_allowed([*allowed, "HEAD"] if "GET" in allowed else allowed)
+    endpoint, params = router.match(request.path, request.method)
+    if isinstance(endpoint, Document):
+        return Reply(200, endpoint.content())
     body = _json_body(request) if endpoint.body else None
-    key = _idempotency_key(request) if method == "POST" else None
+    keyed = _keyed(request, lambda: body)
     call = Call(
-        id=item_id,
+        params=params,
         body=endpoint.body(body) if endpoint.body else None,
         query=endpoint.query(request.args) if endpoint.query else None,
     )
+    return _run(database, endpoint.view, call, keyed)
+
+
+def _keyed(request: flask.Request, body: Callable[[], Any]) -> tuple[str, str] | None:
+    """The Idempotency-Key of a POST and the fingerprint of what it asks, or None."""
+    if request.method != "POST":
+        return None
+    key = request.headers.get("Idempotency-Key")
     if key is None:
-        return transaction(database, lambda session: endpoint.view(session, call))
-    digest = idempotency.fingerprint(method, request.path, body)
-    return transaction(
-        database, lambda session: _idempotent(session, key, digest, endpoint.view, call)
-    )
+        return None
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise errors.bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters")
+    return key, idempotency.fingerprint(request.method, request.path, body())
+
+
+def _run(database: Database, view: View, call: Call, keyed: tuple[str, str] | None) -> Reply:
+    if keyed is None:
+        return transaction(database, lambda session: view(session, call))
+    key, digest = keyed
+    return transaction(database, lambda session: _idempotent(session, key, digest, view, call))
 
 
 def _idempotent(session: Session, key: str, digest: str, view: View, call: Call) -> Reply:
@@ -156,26 +278,6 @@ def _idempotent(session: Session, key: str, digest: str, view: View, call: Call)
         session, key, idempotency.StoredResponse(reply.status, reply.body, reply.headers)
     )
     return reply
-
-
-def _route(router: Router, path: str) -> tuple[Resource, int | None]:
-    trimmed = path.strip("/")
-    segments = trimmed.split("/") if trimmed else []
-    if segments and segments[0] in router.resources:
-        resource: Resource | None = router.resources[segments[0]]
-        segments = segments[1:]
-    else:
-        resource = router.bare
-    if resource is None or len(segments) > 1:
-        raise errors.not_found()
-    if not segments:
-        if not resource.collection:
-            raise errors.not_found()
-        return resource, None
-    item_id = path_id(segments[0])
-    if item_id is None or not resource.member:
-        raise errors.not_found()
-    return resource, item_id
 
 
 def _json_body(request: flask.Request) -> dict[str, Any]:
@@ -195,13 +297,6 @@ def _json_body(request: flask.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise errors.bad_request("the body must be a JSON object")
     return body
-
-
-def _idempotency_key(request: flask.Request) -> str | None:
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
-        raise errors.bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters")
-    return key
 
 
 def _reject_constant(name: str) -> None:

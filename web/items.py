@@ -12,7 +12,7 @@ from service import items
 from service.errors import NotFound
 from web import representations as show
 from web.errors import Reply
-from web.http import Call, Endpoint, Resource
+from web.http import Call, Endpoint, route
 from web.schemas import STRICT, IdRef, ItemName, Quantity, body_validator, id_parameter, page_query
 
 MAX_BATCH = 1000
@@ -52,7 +52,6 @@ def create(session: Session, call: Call) -> Reply:
 
 
 def read(session: Session, call: Call) -> Reply:
-    assert call.id is not None
     return Reply(200, show.item(items.get_item(session, call.id)))
 
 
@@ -61,10 +60,11 @@ def listing(session: Session, call: Call) -> Reply:
     return Reply(200, show.page("items", rows, call.query["limit"], show.item))
 
 
-RESOURCE = Resource(
-    collection={
-        "GET": Endpoint(listing, query=lambda args: page_query(args, {"owner_id": id_parameter})),
-        "POST": Endpoint(create, body=new_items),
-    },
-    member={"GET": Endpoint(read)},
-)
+ROUTES = [
+    route(
+        "/items",
+        GET=Endpoint(listing, query=lambda args: page_query(args, {"owner_id": id_parameter})),
+        POST=Endpoint(create, body=new_items),
+    ),
+    route("/items/<id:id>", GET=Endpoint(read)),
+]

@@ -10,7 +10,7 @@ from service import transfers
 from service.errors import ValidationFailed
 from web import representations as show
 from web.errors import Reply
-from web.http import Call, Endpoint, Resource
+from web.http import Call, Endpoint, route
 from web.schemas import STRICT, Amount, IdRef, body_validator, id_parameter, page_query
 
 
@@ -38,7 +38,6 @@ def create(session: Session, call: Call) -> Reply:
 
 
 def read(session: Session, call: Call) -> Reply:
-    assert call.id is not None
     return Reply(200, show.transfer(transfers.get_transfer(session, call.id)))
 
 
@@ -47,10 +46,11 @@ def listing(session: Session, call: Call) -> Reply:
     return Reply(200, show.page("transfers", rows, call.query["limit"], show.transfer))
 
 
-RESOURCE = Resource(
-    collection={
-        "GET": Endpoint(listing, query=lambda args: page_query(args, {"user_id": id_parameter})),
-        "POST": Endpoint(create, body=new_transfer),
-    },
-    member={"GET": Endpoint(read)},
-)
+ROUTES = [
+    route(
+        "/transfers",
+        GET=Endpoint(listing, query=lambda args: page_query(args, {"user_id": id_parameter})),
+        POST=Endpoint(create, body=new_transfer),
+    ),
+    route("/transfers/<id:id>", GET=Endpoint(read)),
+]

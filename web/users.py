@@ -11,8 +11,16 @@ from typing_extensions import TypedDict
 from service import users
 from web import representations as show
 from web.errors import Reply
-from web.http import Call, Endpoint, Resource
-from web.schemas import STRICT, Balance, Email, UserName, body_validator, page_query
+from web.http import Call, Endpoint, route
+from web.schemas import (
+    STRICT,
+    Balance,
+    Email,
+    UserName,
+    body_validator,
+    email_filter,
+    page_query,
+)
 
 
 @with_config(STRICT)
@@ -34,7 +42,6 @@ def create(session: Session, call: Call) -> Reply:
 
 
 def read(session: Session, call: Call) -> Reply:
-    assert call.id is not None
     return Reply(200, show.user(users.get_user(session, call.id)))
 
 
@@ -44,24 +51,24 @@ def listing(session: Session, call: Call) -> Reply:
 
 
 def update(session: Session, call: Call) -> Reply:
-    assert call.id is not None
     return Reply(200, show.user(users.update_user(session, call.id, **call.body)))
 
 
 def remove(session: Session, call: Call) -> Reply:
-    assert call.id is not None
     users.delete_user(session, call.id)
     return Reply(204)
 
 
-RESOURCE = Resource(
-    collection={
-        "GET": Endpoint(listing, query=lambda args: page_query(args, {"email": str})),
-        "POST": Endpoint(create, body=body_validator(NewUser)),
-    },
-    member={
-        "GET": Endpoint(read),
-        "PATCH": Endpoint(update, body=body_validator(UserChanges)),
-        "DELETE": Endpoint(remove),
-    },
-)
+ROUTES = [
+    route(
+        "/users",
+        GET=Endpoint(listing, query=lambda args: page_query(args, {"email": email_filter})),
+        POST=Endpoint(create, body=body_validator(NewUser)),
+    ),
+    route(
+        "/users/<id:id>",
+        GET=Endpoint(read),
+        PATCH=Endpoint(update, body=body_validator(UserChanges)),
+        DELETE=Endpoint(remove),
+    ),
+]

@@ -14,15 +14,16 @@ import functions_framework
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from db.config import startup_settings
 from db.engine import Database
 from db.models import User, utcnow
 from web import http, users
 from web.errors import Reply
-from web.http import Call, Endpoint, Resource, Router
+from web.http import Call, Endpoint, Route, Router, route
 from web.logs import configure_logging
 
 configure_logging()
-database = Database()
+database = Database(startup_settings())
 sessions: list[Session] = []  # every session a handler was given, to inspect afterwards
 held: list[Any] = []  # loaded rows kept alive across requests, as a careless cache would
 attempts: list[str] = []  # one entry per run of a retry handler: the thread's name
@@ -173,28 +174,35 @@ def settings(session: Session, call: Call) -> Reply:
     return Reply(200, dict(zip(names, values, strict=True)))
 
 
-def _one(method: str, view: http.View, **options: Any) -> Resource:
-    return Resource(collection={method: Endpoint(view, **options)})
+def missing_table(session: Session, call: Call) -> Reply:
+    """Read from a table no migration created, as a model added without one would."""
+    session.execute(text("SELECT id FROM table_without_migration"))
+    return Reply(200, {})
+
+
+def _one(path: str, method: str, view: http.View, **options: Any) -> Route:
+    return route(path, **{method: Endpoint(view, **options)})
 
 
 ROUTER = Router(
-    {
-        "users": users.RESOURCE,
-        "fresh": _one("GET", fresh, query=lambda args: int(args["id"])),
-        "boom": _one("POST", boom),
-        "overflow": _one("POST", overflow),
-        "commit-fails": _one("POST", commit_fails),
-        "kill-connection": _one("POST", kill_connection),
-        "autoflush": _one("POST", autoflush),
-        "serial-increment": _one("POST", serial_increment, query=lambda args: int(args["id"])),
-        "always-conflicts": _one("POST", always_conflicts),
-        "kill-once": _one("POST", kill_once),
-        "reset-once": _one("POST", reset_once),
-        "write": _one("POST", write),
-        "sleep": _one("POST", sleep, query=lambda args: float(args["seconds"])),
-        "hold": _one("POST", hold, query=lambda args: int(args["id"])),
-        "settings": _one("GET", settings),
-    }
+    [
+        *users.ROUTES,
+        _one("/fresh", "GET", fresh, query=lambda args: int(args["id"])),
+        _one("/boom", "POST", boom),
+        _one("/overflow", "POST", overflow),
+        _one("/commit-fails", "POST", commit_fails),
+        _one("/kill-connection", "POST", kill_connection),
+        _one("/autoflush", "POST", autoflush),
+        _one("/serial-increment", "POST", serial_increment, query=lambda args: int(args["id"])),
+        _one("/always-conflicts", "POST", always_conflicts),
+        _one("/kill-once", "POST", kill_once),
+        _one("/reset-once", "POST", reset_once),
+        _one("/write", "POST", write),
+        _one("/sleep", "POST", sleep, query=lambda args: float(args["seconds"])),
+        _one("/hold", "POST", hold, query=lambda args: int(args["id"])),
+        _one("/settings", "GET", settings),
+        _one("/missing-table", "GET", missing_table),
+    ]
 )
 
 
