@@ -1,7 +1,9 @@
 """HTTP entry points. Each is deployable as its own function; ``api`` serves them all.
 
-This module only wires requests to ``web.http.serve``. The instance's database
-(engine, pool, connector) is built on the first request that needs it, never here.
+Every top-level function decorated with ``@functions_framework.http`` here is an entry
+point: ``deploy.sh`` deploys each one under its own name. Settings are read and checked
+when this module loads (a bad one stops the process); the instance's database (engine,
+pool, connector) is built on the first request that needs it, never here.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import flask
 import functions_framework
 from werkzeug.exceptions import HTTPException
 
+from db.config import startup_settings
 from db.engine import Database
 from web import errors, http, routes
 from web.logs import configure_logging
 
 configure_logging()
-database = Database()
+database = Database(startup_settings())
 database.dispose_on_shutdown()
 
 
@@ -45,7 +48,7 @@ def health(request: flask.Request) -> flask.Response:
 
 @functions_framework.http
 def api(request: flask.Request) -> flask.Response:
-    """Every resource, by first path segment."""
+    """Every resource, by path, and the OpenAPI document at ``/openapi.json``."""
     return http.serve(request, database, routes.API)
 
 

@@ -6,6 +6,7 @@ Values that may hold a password (``DATABASE_URL``, ``DB_PASS``) are never echoed
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from sqlalchemy.exc import ArgumentError
 IpType = Literal["PUBLIC", "PRIVATE", "PSC"]
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("json", "text")
 SQLITE_FILE = "app.db"
 
 _INSTANCE_CONNECTION_NAME = re.compile(r"^(?:[a-z0-9.-]+:)?[a-z0-9-]+:[a-z0-9-]+:[a-z0-9-]+$")
@@ -61,6 +63,7 @@ class Settings:
     statement_timeout: float
     idle_in_transaction_timeout: float
     log_level: str
+    log_format: str
 
     @property
     def is_embedded(self) -> bool:
@@ -97,7 +100,22 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         statement_timeout=env.seconds("DB_STATEMENT_TIMEOUT", default=30.0),
         idle_in_transaction_timeout=env.seconds("DB_IDLE_IN_TRANSACTION_TIMEOUT", default=60.0),
         log_level=log_level(raw_environ),
+        log_format=log_format(raw_environ),
     )
+
+
+def startup_settings() -> Settings:
+    """The settings, read when the instance starts; a bad value stops the process.
+
+    One log line names the variable, and the process exits with status 2 before it
+    serves anything: on Cloud Run a revision that fails to start never receives
+    traffic, and the previous one keeps serving.
+    """
+    try:
+        return load_settings()
+    except ConfigError as error:
+        logging.getLogger(__name__).critical("configuration error: %s", error)
+        raise SystemExit(2) from None
 
 
 def request_threads(environ: Mapping[str, str] | None = None) -> int:
@@ -113,6 +131,16 @@ def log_level(environ: Mapping[str, str] | None = None) -> str:
     if level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
     return level
+
+
+def log_format(environ: Mapping[str, str] | None = None) -> str:
+    """The validated ``LOG_FORMAT``: ``json`` where Cloud Run sets ``K_SERVICE``, else ``text``."""
+    env = _Env(os.environ if environ is None else environ)
+    default = "json" if env.get("K_SERVICE") else "text"
+    chosen = (env.get("LOG_FORMAT") or default).lower()
+    if chosen not in LOG_FORMATS:
+        raise ConfigError(f"LOG_FORMAT must be json or text, got {chosen!r}")
+    return chosen
 
 
 def _database_url(raw: str) -> tuple[URL, str]:

@@ -8,7 +8,6 @@ import os
 import signal
 import ssl
 import threading
-from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -16,20 +15,20 @@ from sqlalchemy import Engine, create_engine, event, orm
 from sqlalchemy.orm import Session
 
 from db import driver
-from db.config import Settings, load_settings
+from db.config import Settings
 
 log = logging.getLogger(__name__)
 
 
 class Database:
-    """An instance's engine, session factory and Cloud SQL connector.
+    """An instance's engine, session factory and Cloud SQL connector, for validated settings.
 
     Nothing is built or connected until first use; ``dispose()`` returns the
     instance to that state. Each deployed function process holds one.
     """
 
-    def __init__(self, load: Callable[[], Settings] = load_settings) -> None:
-        self._load = load
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self._lock = threading.Lock()
         self._engine: Engine | None = None
         self._sessionmaker: orm.sessionmaker[Session] | None = None
@@ -98,7 +97,7 @@ class Database:
         return engine, factory
 
     def _build(self) -> None:
-        settings = self._load()
+        settings = self.settings
         if settings.is_embedded:
             engine = _sqlite_engine(settings)
             from db.migrate import upgrade  # noqa: PLC0415  # Alembic loads only where it runs

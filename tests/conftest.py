@@ -18,8 +18,8 @@ from sqlalchemy.pool import NullPool
 
 from db.engine import Database
 from db.migrate import upgrade
+from dev.postgres import PostgresServer
 from tests.deploying import Deploy, start_deploy
-from tests.postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = ROOT / "main.py"
@@ -29,7 +29,7 @@ CONFIG_VARIABLES = (
     "DATABASE_URL", "INSTANCE_CONNECTION_NAME", "DB_USER", "DB_PASS", "DB_NAME", "DB_IAM_AUTH",
     "DB_IP_TYPE", "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_POOL_RECYCLE",
     "DB_STATEMENT_TIMEOUT", "DB_IDLE_IN_TRANSACTION_TIMEOUT", "LOG_LEVEL", "THREADS",
-    "CLOUD_SQL_ADMIN_API_ENDPOINT", "GOOGLE_APPLICATION_CREDENTIALS", "K_SERVICE",
+    "CLOUD_SQL_ADMIN_API_ENDPOINT", "GOOGLE_APPLICATION_CREDENTIALS", "K_SERVICE", "LOG_FORMAT",
 )  # fmt: skip
 
 # A table whose constraint trigger fails at COMMIT: the only honest way to make a commit fail.

@@ -26,10 +26,10 @@ from google.cloud.sql.connector import Connector
 from sqlalchemy import Engine, create_engine, inspect, text
 from sqlalchemy.pool import NullPool
 
+from dev.postgres import PASSWORD, PostgresServer, free_port
 from tests.conftest import PROBE, ROOT, Instance
 from tests.deploying import SECRET_IN_SECRET_MANAGER, Deploy, needs_gcloud
 from tests.google.cloudsql import CloudSql
-from tests.postgres import PASSWORD, PostgresServer, free_port
 
 INSTANCE = "acme-prod:europe-west1:main"
 IAM_USER = "functions@acme-prod.iam"  # the service account's database user

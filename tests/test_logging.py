@@ -1,19 +1,35 @@
-"""Logs: one JSON object per line, as Cloud Logging reads them, with request id and trace."""
+"""Logs: one JSON object per line on Cloud Run, with request id and trace; text in a terminal."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine
 
+from dev.postgres import PASSWORD
 from tests.conftest import PROBE, Instance
-from tests.postgres import PASSWORD
+from web.logs import JsonFormatter
 
 TRACE_ID = "105445aa7843bc8bf206b12000100000"
+
+
+@pytest.fixture(autouse=True)
+def json_logs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """JSON lines, as on Cloud Run, unless the test is about the terminal format."""
+    if "text_logs" not in request.fixturenames:
+        monkeypatch.setenv("LOG_FORMAT", "json")
+
+
+@pytest.fixture
+def text_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No LOG_FORMAT and no K_SERVICE: a terminal's readable lines."""
+    monkeypatch.delenv("LOG_FORMAT", raising=False)
+    monkeypatch.delenv("K_SERVICE", raising=False)
 
 
 @pytest.fixture
@@ -123,32 +139,60 @@ def test_logging_is_configured_once_per_import(
     for _ in range(3):
         client.get("/users")
 
-    json_handlers = [
-        h for h in logging.getLogger().handlers if type(h.formatter).__name__ == "JsonFormatter"
-    ]
-    assert len(json_handlers) == 1
+    ours = [h for h in logging.getLogger().handlers if isinstance(h.formatter, JsonFormatter)]
+    assert len(ours) == 1
     assert len(logging.getLogger().handlers) == len(before)
 
 
-def test_bad_configuration_is_one_log_line_naming_the_variable(
+@pytest.mark.usefixtures("text_logs")
+def test_a_terminal_gets_one_readable_line_per_request_and_tracebacks_as_printed(
+    pg: Engine, instances: Callable[..., Instance], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without K_SERVICE: a plain line per request, and a traceback on its own lines."""
+    client = instances("probe", PROBE).client
+    client.get("/users")
+    capsys.readouterr()
+
+    client.get("/users", headers={"X-Request-Id": "plain-1"})
+    client.post("/boom", headers={"X-Request-Id": "plain-2"})
+
+    lines = capsys.readouterr().out.splitlines()
+    timestamp = r"\d\d:\d\d:\d\d\.\d{3}"
+    assert re.fullmatch(
+        timestamp + r" INFO     web\.http: GET /users 200 [0-9.]+ ms  \[plain-1\]", lines[0]
+    )
+    assert "ERROR    web.errors: unhandled error  [plain-2]" in lines[1]
+    assert lines[2] == "Traceback (most recent call last):"
+    assert "RuntimeError: handler failed after writing" in lines
+    assert re.search(r"WARNING  web\.http: POST /boom 500 [0-9.]+ ms  \[plain-2\]", lines[-1])
+    assert not any(line.startswith("{") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("environ", "json_expected"),
+    [
+        ({"K_SERVICE": "api"}, True),
+        ({"K_SERVICE": "api", "LOG_FORMAT": "text"}, False),
+        ({"LOG_FORMAT": "json"}, True),
+        ({}, False),
+    ],
+)
+@pytest.mark.usefixtures("text_logs")
+def test_the_log_format_follows_cloud_run_unless_chosen(
     pg: Engine,
     instances: Callable[..., Instance],
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    environ: dict[str, str],
+    json_expected: bool,
 ) -> None:
-    """A bad setting met on a first request: 500 internal, one ERROR line, no trace or password."""
-    monkeypatch.setenv("DB_POOL_SIZE", "many")
+    """JSON where K_SERVICE is set (Cloud Run), text elsewhere; LOG_FORMAT decides when given."""
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
     client = instances().client
     capsys.readouterr()
 
-    response = client.get("/users")
+    client.get("/users")
 
-    assert response.status_code == 500
-    assert response.json == {"error": {"code": "internal", "message": "internal error"}}
-    [error] = [line for line in log_lines(capsys) if line["severity"] == "ERROR"]
-    assert (
-        error["message"]
-        == "configuration error: DB_POOL_SIZE must be a whole number of at least 1, got 'many'"
-    )
-    assert "stack_trace" not in error
-    assert PASSWORD not in json.dumps(error)
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "GET /users" in line]
+    assert line.startswith("{") is json_expected

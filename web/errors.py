@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from db.config import ConfigError
 from db.errors import Failure, classify
 from service.errors import (
     Conflict,
@@ -95,11 +94,15 @@ def error_reply(error: BaseException) -> Reply:
     if isinstance(error, DomainError):
         status = next(code for kind, code in _DOMAIN_STATUS if isinstance(error, kind))
         return _reply(status, error.code, error.message, error.details)
-    if isinstance(error, ConfigError):
-        # One line naming the variable, as at every other place bad configuration shows.
-        log.error("configuration error: %s", error)
-        return _reply(500, "internal", "internal error")
     failure = classify(error)
+    if failure is Failure.SCHEMA_MISMATCH:
+        log.error(
+            "the database has no table or column the code uses; the schema is behind the "
+            "models: write the migration (python -m db revision) and apply it (python -m db "
+            "upgrade)",
+            exc_info=error,
+        )
+        return _reply(500, "internal", "internal error")
     if failure is Failure.INVALID_DATA:
         log.warning("the database rejected a value that validation let through", exc_info=error)
         details = [{"loc": ["body"], "msg": "a value is out of range or malformed"}]

@@ -1,5 +1,8 @@
-"""Structured logs: one JSON object per line on stdout, as Cloud Logging reads them.
+"""Logs: one JSON object per line on Cloud Run, readable lines in a terminal.
 
+JSON is what Cloud Logging parses (severity, trace, httpRequest); a terminal gets one
+line per record and tracebacks as Python prints them. ``LOG_FORMAT`` chooses (``json`` or
+``text``); by default it is JSON where Cloud Run sets ``K_SERVICE``, text elsewhere.
 Each line of a request carries its request id (and trace, when the caller sent one),
 taken from a context variable set once per request.
 """
@@ -19,7 +22,7 @@ from typing import Any
 
 from werkzeug.datastructures import Headers
 
-from db.config import ConfigError, log_level
+from db.config import ConfigError, log_format, log_level
 
 
 @dataclass(frozen=True)
@@ -107,24 +110,58 @@ class DeadConnectionNoise(logging.Filter):
         return True
 
 
+class TextFormatter(logging.Formatter):
+    """Formats a record as one readable line: time, level, logger, message, request id."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
+        line = f"{moment} {record.levelname:<8} {record.name}: {record.getMessage()}"
+        context = current_request.get()
+        if context is not None:
+            line += f"  [{context.request_id}]"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class _StandardOutput(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stdout`` is when a record comes, not when it was configured."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+_FORMATTERS: dict[str, type[logging.Formatter]] = {"json": JsonFormatter, "text": TextFormatter}
+
+
 def configure_logging() -> None:
-    """Send every log record as JSON to stdout; called once, when ``main`` is imported."""
+    """Send every log record to stdout in the chosen format; called once, when ``main`` loads.
+
+    A bad ``LOG_LEVEL`` or ``LOG_FORMAT`` falls back to the default here; the settings
+    check that follows stops the process and names it.
+    """
     try:
         level = log_level()
-    except ConfigError as error:
+    except ConfigError:
         level = "INFO"
-        problem: str | None = str(error)
-    else:
-        problem = None
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter())
+    try:
+        chosen = log_format()
+    except ConfigError:
+        chosen = "json" if os.environ.get("K_SERVICE") else "text"
+    handler = _StandardOutput()
+    handler.setFormatter(_FORMATTERS[chosen]())
     handler.addFilter(DeadConnectionNoise())
     root = logging.getLogger()
-    for existing in [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]:
+    for existing in [
+        h for h in root.handlers if isinstance(h.formatter, tuple(_FORMATTERS.values()))
+    ]:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level)
     # Alembic narrates every migration step at INFO; its warnings still show.
     logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
-    if problem:
-        logging.getLogger(__name__).error("configuration error: %s", problem)
