@@ -27,6 +27,7 @@ class Failure(enum.Enum):
     INVALID_DATA = "invalid_data"
     TRANSIENT = "transient"  # safe to retry the whole transaction
     UNAVAILABLE = "unavailable"  # the database cannot serve this request now
+    SCHEMA_MISMATCH = "schema_mismatch"  # a table or column the code uses does not exist
     OTHER = "other"
 
 
@@ -39,9 +40,23 @@ _SQLITE_SQLSTATES = {
     "SQLITE_TOOBIG": "22001",
     "SQLITE_BUSY": "55P03",
     "SQLITE_LOCKED": "55P03",
+    "SQLITE_FULL": "53100",  # disk_full
+    "SQLITE_IOERR": "58030",  # io_error
+    "SQLITE_CANTOPEN": "58030",
+    "SQLITE_READONLY": "25006",  # read_only_sql_transaction
+}
+# SQLite reports most mistakes in SQL as SQLITE_ERROR; its message tells them apart.
+_SQLITE_ERROR_MESSAGES = {
+    "no such table": "42P01",  # undefined_table
+    "no such column": "42703",  # undefined_column
+    "syntax error": "42601",  # syntax_error
 }
 
+_SCHEMA_SQLSTATES = {"42P01", "42703"}  # undefined_table, undefined_column
+
 _UNAVAILABLE_SQLSTATES = {
+    "53100",  # disk_full
+    "58030",  # io_error
     "57014",  # query_canceled: statement_timeout
     "57P01",  # admin_shutdown
     "57P02",  # crash_shutdown
@@ -63,7 +78,14 @@ def sqlstate(error: BaseException) -> str | None:
         # SQLite reports an ON DELETE RESTRICT violation as a trigger failure.
         if name == "SQLITE_CONSTRAINT_TRIGGER" and "FOREIGN KEY" in str(orig):
             return "23503"
-        return _SQLITE_SQLSTATES.get(name)
+        if name == "SQLITE_ERROR":
+            message = str(orig)
+            found = (code for text, code in _SQLITE_ERROR_MESSAGES.items() if text in message)
+            return next(found, "XX000")  # internal_error
+        # Extended codes (SQLITE_IOERR_WRITE, SQLITE_BUSY_SNAPSHOT) share their base's meaning;
+        # the rest (a corrupt file, a database that is not one) will not pass by retrying.
+        base = "_".join(name.split("_")[:2])
+        return _SQLITE_SQLSTATES.get(name) or _SQLITE_SQLSTATES.get(base) or "XX000"
     return None
 
 
@@ -82,6 +104,8 @@ def classify(error: BaseException) -> Failure:
         return Failure.UNIQUE_VIOLATION
     if code == "23503":
         return Failure.FOREIGN_KEY_VIOLATION
+    if code in _SCHEMA_SQLSTATES:
+        return Failure.SCHEMA_MISMATCH
     if code is not None and (code.startswith("22") or code in ("23502", "23514")):
         return Failure.INVALID_DATA
     if error.connection_invalidated or code in _UNAVAILABLE_SQLSTATES:
@@ -89,7 +113,7 @@ def classify(error: BaseException) -> Failure:
     if code is not None and code[:2] in ("08", "53"):  # connection exception, resources
         return Failure.UNAVAILABLE
     if code is None and isinstance(error, sa_exc.InterfaceError | sa_exc.OperationalError):
-        return Failure.UNAVAILABLE  # the driver could not reach the server at all
+        return Failure.UNAVAILABLE  # pg8000 could not reach the server at all
     return Failure.OTHER
 
 

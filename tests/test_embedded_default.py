@@ -86,3 +86,12 @@ def test_items_and_transfers_work_on_sqlite(embedded: Instance) -> None:
     assert client.delete(f"/users/{ada['id']}").status_code == 409
     assert client.get(f"/users/{ada['id']}").json["balance"] == 6
     assert len(client.get(f"/items?owner_id={bob['id']}").json["items"]) == 3
+
+
+def test_sqlite_refuses_what_postgresql_cannot_store(embedded: Instance) -> None:
+    """A NUL character, which SQLite would keep and PostgreSQL refuses, is a 422 on both."""
+    response = embedded.client.post("/users", json={"name": "A\u0000", "email": "a@x.io"})
+
+    assert response.status_code == 422
+    assert response.json["error"]["details"][0]["loc"] == ["name"]
+    assert embedded.client.get("/users").json["users"] == []

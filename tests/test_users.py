@@ -1,4 +1,4 @@
-"""The users resource, row by row of ../shared/API.md."""
+"""The users resource, row by row of the contract (docs/API.md)."""
 
 from __future__ import annotations
 
@@ -79,6 +79,8 @@ def test_create_user_with_taken_email_in_other_case_is_a_conflict(
         ({"name": "x" * 101, "email": "a@example.com"}, ("name",)),
         ({"name": None, "email": "a@example.com"}, ("name",)),
         ({"name": 5, "email": "a@example.com"}, ("name",)),
+        ({"name": "A\u0000da", "email": "a@example.com"}, ("name",)),
+        ({"name": "Ada", "email": "a\u0000@example.com"}, ("email",)),
         ({"name": "Ada"}, ("email",)),
         ({"name": "Ada", "email": "no-at-sign"}, ("email",)),
         ({"name": "Ada", "email": "two@@example.com"}, ("email",)),
@@ -199,6 +201,7 @@ def test_list_users_filters_by_email_regardless_of_case(client: FlaskClient) -> 
         ("after=-1", ("query", "after")),
         ("after=x", ("query", "after")),
         (f"after={MAX_BIGINT + 1}", ("query", "after")),
+        ("email=a%00@example.com", ("query", "email")),
     ],
 )
 def test_list_users_rejects_bad_paging_parameters(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
+from annotated_types import GroupedMetadata
 from pydantic import (
     AfterValidator,
     ConfigDict,
@@ -31,9 +33,30 @@ def _email(value: str) -> str:
     return lowered
 
 
-UserName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
-ItemName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-Email = Annotated[str, StringConstraints(max_length=254), AfterValidator(_email)]
+def _no_nul(value: str) -> str:
+    # PostgreSQL cannot store U+0000 in text; refusing it here keeps SQLite, which can, honest.
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character (U+0000)")
+    return value
+
+
+@dataclass(frozen=True)
+class Text(GroupedMetadata):
+    """``Annotated[str, Text(500)]``: 1 to 500 characters once surrounding white space is
+    trimmed, without U+0000."""
+
+    max_length: int
+
+    def __iter__(self) -> Iterator[Any]:
+        yield StringConstraints(strip_whitespace=True, min_length=1, max_length=self.max_length)
+        yield AfterValidator(_no_nul)
+
+
+UserName = Annotated[str, Text(100)]
+ItemName = Annotated[str, Text(200)]
+Email = Annotated[
+    str, StringConstraints(max_length=254), AfterValidator(_no_nul), AfterValidator(_email)
+]
 Balance = Annotated[int, Field(ge=0, le=MAX_BIGINT)]
 Quantity = Annotated[int, Field(ge=0, le=MAX_INT)]
 Amount = Annotated[int, Field(ge=1, le=MAX_BIGINT)]
@@ -94,6 +117,11 @@ def page_query(
     if problems:
         raise ValidationFailed(problems)
     return query
+
+
+def email_filter(raw: str) -> str:
+    """An email given in a query string."""
+    return _no_nul(raw)
 
 
 def id_parameter(raw: str) -> int:
