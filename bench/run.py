@@ -30,8 +30,8 @@ from sqlalchemy import create_engine, text
 
 from db import driver
 from db.migrate import upgrade
+from dev.postgres import PASSWORD, PostgresServer, free_port
 from tests.google.cloudsql import CloudSql
-from tests.postgres import PASSWORD, PostgresServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"

@@ -1,23 +1,35 @@
-"""A throwaway PostgreSQL server for the test suite, in a temporary folder on 127.0.0.1.
+"""A PostgreSQL server of one's own on 127.0.0.1, for the tests, the benchmarks,
+``python -m db revision`` and ``scripts/serve.sh --postgres``.
 
-PostgreSQL refuses to run as root, and CI runs as root: there the server runs as
-the ``postgres`` system user (created when missing). Password authentication is
-SCRAM, as on Cloud SQL.
+The server lives in a temporary folder and goes with it, or in a folder that is kept
+(local development). PostgreSQL refuses to run as root, and CI runs as root: there the
+server runs as the ``postgres`` system user (created when missing). Password
+authentication is SCRAM, as on Cloud SQL.
+
+``python -m dev.postgres [--data DIR] -- COMMAND ...`` starts a server, creates and
+migrates its ``app`` database, runs COMMAND with ``DATABASE_URL`` set, and stops the
+server when COMMAND ends.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
 
 PASSWORD = "test-only-password-7f3a"
 
@@ -40,15 +52,30 @@ def free_port() -> int:
 
 
 class PostgresServer:
-    """Start, stop and restart one server; ``url(database)`` reaches it through pg8000."""
+    """Start, stop and restart one server; ``url(database)`` reaches it through pg8000.
 
-    def __init__(self) -> None:
+    ``root`` keeps the server's files in that folder across runs; by default they go in
+    a temporary folder that ``destroy()`` removes.
+    """
+
+    def __init__(self, root: Path | None = None) -> None:
         self.bindir = _bindir()
         self.port = free_port()
-        self.root = Path(tempfile.mkdtemp(prefix="pgtest-"))
+        self.root = root.resolve() if root else Path(tempfile.mkdtemp(prefix="pgtest-"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        # A socket path has a length limit: the sockets get a short folder of their own.
+        self.sockets = Path(tempfile.mkdtemp(prefix="pgsock-"))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
         self._user = self._os_user()
+        if self._user:
+            shutil.chown(self.root, self._user)
+            shutil.chown(self.sockets, self._user)
+
+    @property
+    def initialized(self) -> bool:
+        """Whether the data folder holds a database cluster."""
+        return (self.data / "PG_VERSION").exists()
 
     def url(self, database: str = "postgres") -> URL:
         return URL.create(
@@ -61,10 +88,20 @@ class PostgresServer:
         )
 
     def init(self) -> None:
+        """Create the database cluster, with the password for ``postgres``."""
+        if (
+            self._user
+            and subprocess.run(
+                ["runuser", "-u", self._user, "--", "test", "-w", str(self.root)], check=False
+            ).returncode
+        ):
+            raise RuntimeError(
+                f"the {self._user} user, which runs PostgreSQL here because this process is "
+                f"root, cannot write to {self.root}: use a folder it can reach"
+            )
         pwfile = self.root / "pwfile"
         pwfile.write_text(PASSWORD + "\n")
         if self._user:
-            shutil.chown(self.root, self._user)
             shutil.chown(pwfile, self._user)
         self._run(
             "initdb", "-D", str(self.data), "-U", "postgres", "--auth=scram-sha-256",
@@ -77,7 +114,7 @@ class PostgresServer:
             [
                 f"-p {self.port}",
                 "-c listen_addresses=127.0.0.1",
-                f"-c unix_socket_directories={self.root}",
+                f"-c unix_socket_directories={self.sockets}",
                 "-c max_connections=200",
                 # Durability is not under test; speed is welcome.
                 "-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
@@ -101,9 +138,23 @@ class PostgresServer:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
 
     def destroy(self) -> None:
+        """Stop the server at once and remove its files."""
         with contextlib.suppress(subprocess.CalledProcessError):
             self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.sockets, ignore_errors=True)
+
+    def create_database(self, name: str) -> URL:
+        """Create the database ``name`` unless it exists; its URL."""
+        admin = create_engine(self.url(), poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            exists = connection.scalar(
+                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+            )
+            if not exists:
+                connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        admin.dispose()
+        return self.url(name)
 
     def _run(self, program: str, *args: str) -> None:
         command = [str(self.bindir / program), *args]
@@ -127,3 +178,53 @@ class PostgresServer:
                 ["useradd", "--system", "--no-create-home", "postgres"], check=True, timeout=60
             )
         return "postgres"
+
+
+@contextlib.contextmanager
+def throwaway_database(name: str = "app") -> Iterator[URL]:
+    """A new server with an empty database ``name``, removed with everything on exit."""
+    server = PostgresServer()
+    try:
+        server.init()
+        server.start()
+        yield server.create_database(name)
+    finally:
+        server.destroy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dev.postgres",
+        description="Run COMMAND with DATABASE_URL naming a migrated database on a local server.",
+    )
+    parser.add_argument("--data", type=Path, help="keep the server's files in this folder")
+    parser.add_argument("command", nargs="+", help="the command to run, after --")
+    args = parser.parse_args(argv)
+
+    server = PostgresServer(args.data)
+    if not server.initialized:
+        server.init()
+    server.start()
+    try:
+        url = server.create_database("app").render_as_string(hide_password=False)
+        env = {**os.environ, "DATABASE_URL": url}
+        subprocess.run([sys.executable, "-m", "db", "upgrade"], env=env, check=True)
+        print(f"PostgreSQL {server.port} on 127.0.0.1, database app, files in {server.root}")
+        child = subprocess.Popen(args.command, env=env)
+        # Stopping this process stops the command first, then the server (below).
+        signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+        while True:
+            try:
+                return child.wait()
+            except KeyboardInterrupt:
+                continue  # the command got the same Ctrl-C and is stopping
+    finally:
+        if args.data:
+            server.stop()
+            shutil.rmtree(server.sockets, ignore_errors=True)
+        else:
+            server.destroy()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,8 +24,8 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 
 from db.migrate import upgrade
+from dev.postgres import PostgresServer, free_port
 from tests.conftest import PROBE, ROOT, Instance
-from tests.postgres import PostgresServer, free_port
 
 
 @pytest.fixture(scope="module")

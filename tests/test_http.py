@@ -9,8 +9,8 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
+from dev.postgres import PASSWORD
 from tests.conftest import PROBE, Instance
-from tests.postgres import PASSWORD
 
 LEAKS = ("Traceback", "sqlalchemy", "pg8000", "SELECT", "INSERT", "Error", "postgresql", PASSWORD)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
+from dev.postgres import free_port
 from tests.conftest import ROOT
-from tests.postgres import free_port
 
 
 def _wait_until_serving(port: int, process: subprocess.Popen[str]) -> None:

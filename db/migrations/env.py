@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from alembic import context
+from typing import Any, Literal
 
+from alembic import context
+from alembic.autogenerate.api import AutogenContext
+
+from db import types
 from db.models import Base
 
 engine = context.config.attributes["engine"]
+
+
+def render_item(kind: str, item: Any, autogen: AutogenContext) -> str | Literal[False]:
+    """Write the project's own column types by name, with their import, in new migrations."""
+    if kind == "type" and isinstance(item, types.UTCDateTime):
+        autogen.imports.add("from db.types import UTCDateTime")
+        return "UTCDateTime()"
+    return False
+
 
 with engine.connect() as connection:
     context.configure(
@@ -14,6 +27,7 @@ with engine.connect() as connection:
         target_metadata=Base.metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        render_item=render_item,
     )
     with context.begin_transaction():
         context.run_migrations()
