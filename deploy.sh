@@ -4,25 +4,30 @@
 # Usage: ./deploy.sh [--dry-run] [--migrate] [--allow-unauthenticated] [FUNCTION ...]
 #   FUNCTION               an entry point of main.py (default: every function in FUNCTIONS)
 #   --dry-run              print every command, run none
-#   --migrate              first run `python -m db upgrade` through the Cloud SQL connector
+#   --migrate              first run `python -m db upgrade` from here, with the functions' settings
 #   --allow-unauthenticated  let anyone call the functions (default: IAM callers only)
 #
 # The functions are main.py's entry points (each `@functions_framework.http` function at its
 # top level): a new entry point is deployed without any change here.
 #
-# Settings, from the environment (README.md, "Deploying"):
+# Settings, from the environment (docs/deploying.md):
 #   PROJECT_ID, REGION                  where to deploy
+#   SERVICE_ACCOUNT                     the functions' own service account (email)
+# and either, through the Cloud SQL Python Connector:
 #   INSTANCE_CONNECTION_NAME            project:region:instance of the Cloud SQL instance
 #   DB_NAME, DB_USER                    database and user
-#   SERVICE_ACCOUNT                     the functions' own service account (email)
 #   DB_PASS_SECRET                      Secret Manager secret with the password (NAME or NAME:VERSION),
 #                                       unless DB_IAM_AUTH=true
-#   FUNCTIONS="(every entry point)"     the functions that share the instance's connections
+# or, to any address (a connection pooler, Managed Connection Pooling's port 6432):
+#   DATABASE_URL_SECRET                 Secret Manager secret holding the whole DATABASE_URL
+# and optionally:
+#   FUNCTIONS="(every entry point)"     the functions that share the database's connections
 #   DB_IAM_AUTH=false  DB_IP_TYPE=PUBLIC  CONCURRENCY=8  DB_MAX_OVERFLOW=0  CPU=1  MEMORY=512Mi
 #   TIMEOUT=60s  RUNTIME=python312  LOG_LEVEL=INFO  VPC_CONNECTOR=(none; needed by PRIVATE and PSC)
 #   BUILD_SERVICE_ACCOUNT=(the project's default)   the account Cloud Build builds with (email)
-#   DB_MAX_CONNECTIONS=100  DB_RESERVED_CONNECTIONS=10   the connection budget for --max-instances
-# The password itself is never read from the environment and never passed as a plain variable.
+#   DB_MAX_CONNECTIONS=100  DB_RESERVED_CONNECTIONS=10   the connection budget for --max-instances:
+#                                       the instance's max_connections, or a pooler's client limit
+# A password is never read from the environment and never passed as a plain variable.
 set -euo pipefail
 cd "$(dirname "$0")"
 # A password in the deployer's shell must not reach gcloud or the functions by accident.
@@ -93,7 +98,20 @@ whole_number() { # name, minimum
 email() { # name
   [[ -z "${!1:-}" || "${!1}" =~ ^[^@[:space:]]+@[^@[:space:]]+$ ]] || problems+=("$1 must be a service account email, got '${!1}'")
 }
-for name in PROJECT_ID REGION INSTANCE_CONNECTION_NAME DB_NAME DB_USER SERVICE_ACCOUNT; do
+DATABASE_URL_SECRET=${DATABASE_URL_SECRET:-}
+INSTANCE_CONNECTION_NAME=${INSTANCE_CONNECTION_NAME:-}
+if [[ -n "$DATABASE_URL_SECRET" ]]; then
+  mode=url
+  for name in INSTANCE_CONNECTION_NAME DB_NAME DB_USER DB_PASS_SECRET DB_IAM_AUTH DB_IP_TYPE; do
+    [[ -z "${!name:-}" ]] || problems+=("$name has no use with DATABASE_URL_SECRET; set one or the other")
+  done
+else
+  mode=connector
+  for name in INSTANCE_CONNECTION_NAME DB_NAME DB_USER; do
+    [[ -n "${!name:-}" ]] || problems+=("$name is not set (or set DATABASE_URL_SECRET)")
+  done
+fi
+for name in PROJECT_ID REGION SERVICE_ACCOUNT; do
   require "$name"
 done
 DB_IAM_AUTH=${DB_IAM_AUTH:-false}
@@ -139,11 +157,12 @@ if [[ -n "${INSTANCE_CONNECTION_NAME:-}" && ! "$INSTANCE_CONNECTION_NAME" =~ ^([
 fi
 email SERVICE_ACCOUNT
 email BUILD_SERVICE_ACCOUNT
-case "$DB_IAM_AUTH" in
-  true)
+case "$mode:$DB_IAM_AUTH" in
+  url:*) ;;
+  *:true)
     [[ -z "$DB_PASS_SECRET" ]] || problems+=("DB_PASS_SECRET must not be set when DB_IAM_AUTH=true")
     ;;
-  false)
+  *:false)
     [[ -n "$DB_PASS_SECRET" ]] || problems+=("DB_PASS_SECRET is not set (or set DB_IAM_AUTH=true)")
     ;;
   *) problems+=("DB_IAM_AUTH must be true or false, got '$DB_IAM_AUTH'") ;;
@@ -208,28 +227,52 @@ deploying() {
 }
 
 # Functions deployed earlier keep their --max-instances until redeployed: count what those
-# already on this Cloud SQL instance may hold, beside what this deploy gives.
-listing=(gcloud functions list --project="$PROJECT_ID"
-  --format="value[separator='|'](name.basename(),name.segment(3),serviceConfig.environmentVariables.INSTANCE_CONNECTION_NAME,serviceConfig.maxInstanceCount,serviceConfig.environmentVariables.DB_POOL_SIZE,serviceConfig.environmentVariables.DB_MAX_OVERFLOW,serviceConfig.maxInstanceRequestConcurrency)")
+# already on this database (the same INSTANCE_CONNECTION_NAME, or the same DATABASE_URL
+# secret) may hold, beside what this deploy gives.
+if [[ $mode == url ]]; then
+  database="the database of secret ${DATABASE_URL_SECRET%%:*}"
+  shared_by="secret:${DATABASE_URL_SECRET%%:*}"
+else
+  database=$INSTANCE_CONNECTION_NAME
+  shared_by="instance:$INSTANCE_CONNECTION_NAME"
+fi
+listing=(gcloud functions list --project="$PROJECT_ID" --format=json)
 show "${listing[@]}"
 held=0
 holders=()
 if ! $dry_run; then
   deployed=$("${listing[@]}")
-  while IFS='|' read -r name location instance most pool overflow concurrency; do
-    [[ -n "$name" && "$instance" == "$INSTANCE_CONNECTION_NAME" ]] || continue
+  while IFS='|' read -r name location most each; do
     if [[ "$location" == "$REGION" ]] && deploying "$name"; then
       continue # replaced by this deploy
     fi
-    each=$((${pool:-${concurrency:-1}} + ${overflow:-0}))
-    held=$((held + ${most:-100} * each))
-    holders+=("$name in $location (${most:-100} instances x $each)")
-  done <<<"$deployed"
+    held=$((held + most * each))
+    holders+=("$name in $location ($most instances x $each)")
+  done < <("$python" -c '
+import json
+import sys
+
+# Each function deployed on the same database: name|region|max instances|connections each.
+for function in json.load(sys.stdin):
+    config = function.get("serviceConfig", {})
+    env = config.get("environmentVariables", {})
+    secrets = {s.get("key"): s.get("secret") for s in config.get("secretEnvironmentVariables", [])}
+    if sys.argv[1] not in (
+        "instance:" + str(env.get("INSTANCE_CONNECTION_NAME")),
+        "secret:" + str(secrets.get("DATABASE_URL")),
+    ):
+        continue
+    pool = int(env.get("DB_POOL_SIZE") or config.get("maxInstanceRequestConcurrency") or 1)
+    each = pool + int(env.get("DB_MAX_OVERFLOW") or 0)
+    region, name = function["name"].split("/")[3::2]
+    most = config.get("maxInstanceCount", 100)
+    print(f"{name}|{region}|{most}|{each}")
+' "$shared_by" <<<"$deployed")
 fi
 planned=$((${#chosen[@]} * max_instances * per_instance))
 if ((held + planned > budget)); then
   printf 'deploy.sh: %s\n' \
-    "functions already deployed on $INSTANCE_CONNECTION_NAME may hold $held connections:" \
+    "functions already deployed on $database may hold $held connections:" \
     "${holders[@]/#/  }" \
     "with the $planned of this deploy that passes the budget of $budget;" \
     "deploy them too (they must be in FUNCTIONS), or delete those no longer used" >&2
@@ -242,7 +285,24 @@ if [[ "$DB_PASS_SECRET" == *:* ]]; then
   secret_version=${DB_PASS_SECRET#*:}
 fi
 
-if $migrate; then
+url_secret_name=${DATABASE_URL_SECRET%%:*}
+url_secret_version=latest
+if [[ "$DATABASE_URL_SECRET" == *:* ]]; then
+  url_secret_version=${DATABASE_URL_SECRET#*:}
+fi
+
+if $migrate && [[ $mode == url ]]; then
+  echo "migrating the schema at the DATABASE_URL kept in Secret Manager"
+  fetch=(gcloud secrets versions access "$url_secret_version" --secret="$url_secret_name" --project="$PROJECT_ID")
+  show "${fetch[@]}"
+  show "$python" -m db upgrade
+  if ! $dry_run; then
+    # Captured, never printed: it reaches only the migration's environment.
+    database_url=$("${fetch[@]}")
+    DATABASE_URL="$database_url" "$python" -m db upgrade
+    unset database_url
+  fi
+elif $migrate; then
   echo "migrating the schema through the Cloud SQL connector"
   migration_env=(INSTANCE_CONNECTION_NAME="$INSTANCE_CONNECTION_NAME" DB_USER="$DB_USER"
     DB_NAME="$DB_NAME" DB_IP_TYPE="$DB_IP_TYPE" DB_IAM_AUTH="$DB_IAM_AUTH")
@@ -262,10 +322,14 @@ if $migrate; then
   unset password migration_env
 fi
 
-env_vars="INSTANCE_CONNECTION_NAME=$INSTANCE_CONNECTION_NAME,DB_USER=$DB_USER,DB_NAME=$DB_NAME"
-env_vars+=",DB_IP_TYPE=$DB_IP_TYPE,DB_IAM_AUTH=$DB_IAM_AUTH,DB_POOL_SIZE=$CONCURRENCY"
-env_vars+=",DB_MAX_OVERFLOW=$DB_MAX_OVERFLOW,THREADS=$CONCURRENCY,LOG_LEVEL=$LOG_LEVEL"
-env_vars+=",GOOGLE_CLOUD_PROJECT=$PROJECT_ID"
+env_vars="DB_POOL_SIZE=$CONCURRENCY,DB_MAX_OVERFLOW=$DB_MAX_OVERFLOW,THREADS=$CONCURRENCY"
+env_vars+=",LOG_LEVEL=$LOG_LEVEL,GOOGLE_CLOUD_PROJECT=$PROJECT_ID"
+if [[ $mode == connector ]]; then
+  env_vars="INSTANCE_CONNECTION_NAME=$INSTANCE_CONNECTION_NAME,DB_USER=$DB_USER,DB_NAME=$DB_NAME"
+  env_vars+=",DB_IP_TYPE=$DB_IP_TYPE,DB_IAM_AUTH=$DB_IAM_AUTH,DB_POOL_SIZE=$CONCURRENCY"
+  env_vars+=",DB_MAX_OVERFLOW=$DB_MAX_OVERFLOW,THREADS=$CONCURRENCY,LOG_LEVEL=$LOG_LEVEL"
+  env_vars+=",GOOGLE_CLOUD_PROJECT=$PROJECT_ID"
+fi
 
 for function in "${chosen[@]}"; do
   command=(gcloud functions deploy "$function"
@@ -286,7 +350,9 @@ for function in "${chosen[@]}"; do
     --max-instances="$max_instances"
     --quiet)
   # Each deploy states every setting, so one that was dropped is removed, not left behind.
-  if [[ "$DB_IAM_AUTH" == false ]]; then
+  if [[ $mode == url ]]; then
+    command+=(--set-secrets="DATABASE_URL=$url_secret_name:$url_secret_version")
+  elif [[ "$DB_IAM_AUTH" == false ]]; then
     command+=(--set-secrets="DB_PASS=$secret_name:$secret_version")
   else
     command+=(--clear-secrets)

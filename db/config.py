@@ -64,6 +64,7 @@ class Settings:
     idle_in_transaction_timeout: float
     log_level: str
     log_format: str
+    driver_tuning: bool = True  # db/driver.py; off: pg8000 as installed
 
     @property
     def is_embedded(self) -> bool:
@@ -101,6 +102,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         idle_in_transaction_timeout=env.seconds("DB_IDLE_IN_TRANSACTION_TIMEOUT", default=60.0),
         log_level=log_level(raw_environ),
         log_format=log_format(raw_environ),
+        driver_tuning=env.boolean("DB_DRIVER_TUNING", default=True),
     )
 
 

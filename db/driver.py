@@ -1,23 +1,31 @@
-"""pg8000 without the overhead it adds to every statement (measured in bench/README.md).
+"""pg8000 without the round trips and the CPU it spends on every statement (bench/README.md).
 
-pg8000 is pure Python, which is why it is the driver of choice on Cloud Functions, but
-a few of its habits cost more than the database does:
+pg8000 is pure Python, which is why it is the driver of choice on Cloud Functions, but a few
+of its habits cost more than the database does. ``tune_connection`` changes them on each
+connection an engine opens, and on no other connection:
 
-- It converts each statement's ``%s`` placeholders to ``$1`` by scanning the text
-  character by character on every execute: about 0.25 ms for a small SELECT and
-  tens of milliseconds for a 1000-row INSERT. SQLAlchemy sends the same few texts
-  over and over, and with the "format" style the result depends on the text alone,
-  so the converted text is cached.
-- It sends a parameterised statement in three steps, waiting for the server after
-  each (Parse; Describe; Bind and Execute): three round trips. Nothing it sends in a
-  later step depends on an earlier answer (parameters and results travel as text),
-  so the same messages go out in one write, with one Sync: one round trip.
-- ``commit()`` and ``rollback()`` go through that same extended protocol. They take
-  no parameters: the simple protocol does them in one round trip.
-- It parses every ``timestamptz`` with ``strptime``; ``fromisoformat`` reads
-  PostgreSQL's output several times faster (pg8000's parser remains the fallback).
-- It leaves Nagle's algorithm on: a message that overflows its write buffer waits
-  for the server's delayed ACK, about 40 ms, as in a large multi-row INSERT.
+- It sends ``BEGIN`` on its own and waits for the answer before the first statement of a
+  transaction. Here ``BEGIN``, with the transaction's ``SET LOCAL`` settings, goes out in the
+  same write as that first statement: the server runs them in order, and one round trip does
+  the work of two. A transaction that ends before any statement never reaches the server.
+- It sends a parameterised statement in three steps, waiting for the server after each
+  (Parse; Describe; Bind and Execute). Nothing it sends in a later step depends on an earlier
+  answer (parameters and results travel as text), so the same messages go out in one write,
+  with one Sync: one round trip.
+- ``commit()`` and ``rollback()`` go through that same extended protocol. They take no
+  parameters: the simple protocol does them in one round trip.
+- It converts each statement's ``%s`` placeholders to ``$1`` by scanning the text character
+  by character on every execute: about 0.25 ms for a small SELECT and tens of milliseconds
+  for a 1000-row INSERT. SQLAlchemy sends the same few texts over and over, and the result
+  depends on the text alone, so the converted text is cached.
+- It parses every ``timestamptz`` with ``strptime``; ``fromisoformat`` reads PostgreSQL's
+  output several times faster (pg8000's parser remains the fallback).
+- It leaves Nagle's algorithm on: a message that overflows its write buffer waits for the
+  server's delayed ACK, about 40 ms, as in a large multi-row INSERT.
+
+These replace private methods of pg8000, so they are applied only to the pg8000 versions
+in ``TESTED_PG8000``, which the test suite has run against; with any other version, or with
+``DB_DRIVER_TUNING=false``, connections are pg8000's own (``db/engine.py`` decides).
 """
 
 from __future__ import annotations
@@ -25,15 +33,28 @@ from __future__ import annotations
 import functools
 import socket
 from datetime import datetime
+from importlib.metadata import version
 from typing import Any
 
 import pg8000.converters
 import pg8000.core
-import pg8000.dbapi
 import pg8000.legacy
 
+TESTED_PG8000 = ("1.31.6",)
 TIMESTAMPTZ_OID = 1184
-_convert_paramstyle = pg8000.dbapi.convert_paramstyle
+_CACHED_FORMAT = "format (cached)"  # the paramstyle of tuned cursors
+_convert_paramstyle = pg8000.legacy.convert_paramstyle
+_core = pg8000.core.CoreConnection
+
+
+def installed_version() -> str:
+    """The installed pg8000's version."""
+    return version("pg8000")
+
+
+def is_tested() -> bool:
+    """Whether the installed pg8000 is one this tuning was tested with."""
+    return installed_version() in TESTED_PG8000
 
 
 @functools.lru_cache(maxsize=1024)
@@ -41,19 +62,10 @@ def _converted(query: str) -> str:
     return str(_convert_paramstyle("format", query, ())[0])
 
 
-def _cached_convert_paramstyle(style: str, query: str, args: Any) -> tuple[str, Any]:
-    if style != "format":
-        return _convert_paramstyle(style, query, args)  # type: ignore[no-any-return]
-    return _converted(query), args
-
-
-def install_statement_cache() -> None:
-    """Cache pg8000's placeholder conversion, process-wide; calling it again changes nothing.
-
-    SQLAlchemy's dialect uses pg8000's legacy cursor, which imported the function by name.
-    """
-    pg8000.dbapi.convert_paramstyle = _cached_convert_paramstyle
-    pg8000.legacy.convert_paramstyle = _cached_convert_paramstyle
+def _dispatch_convert_paramstyle(style: str, query: str, args: Any) -> tuple[str, Any]:
+    if style == _CACHED_FORMAT:
+        return _converted(query), args
+    return _convert_paramstyle(style, query, args)  # type: ignore[no-any-return]
 
 
 def _timestamptz(text: str) -> datetime | str:
@@ -63,42 +75,108 @@ def _timestamptz(text: str) -> datetime | str:
         return pg8000.converters.timestamptz_in(text)  # type: ignore[no-any-return]
 
 
-def _pipelined_execute_unnamed(
-    connection: Any, statement: str, vals: Any = (), oids: Any = (), stream: Any = None
-) -> Any:
-    """pg8000's unnamed-statement execution with every message sent at once."""
-    if stream is not None:  # COPY keeps pg8000's own path
-        return pg8000.core.CoreConnection.execute_unnamed(connection, statement, vals, oids, stream)
-    # Encode first: a value that cannot be sent must fail before anything is written.
-    params = pg8000.converters.make_params(connection.py_types, vals)
-    context = pg8000.core.Context(statement, stream=stream)
-    connection.send_PARSE(pg8000.core.NULL_BYTE, statement, oids)
-    connection.send_DESCRIBE_STATEMENT(pg8000.core.NULL_BYTE)
-    connection.send_BIND(pg8000.core.NULL_BYTE, params)
-    connection.send_EXECUTE()
-    pg8000.core._write(connection._sock, pg8000.core.SYNC_MSG)
-    pg8000.core._flush(connection._sock)
-    connection.handle_messages(context)
-    return context
+class _Tuned:
+    """The tuned behaviour of one pg8000 connection: its deferred BEGIN and its sends."""
+
+    def __init__(self, connection: Any, begin: str) -> None:
+        self.connection = connection
+        self.begin = begin
+        self.begin_pending = False
+
+    def execute_simple(self, statement: str) -> Any:
+        connection = self.connection
+        if statement == "begin transaction":  # pg8000's implicit BEGIN: sent with what follows
+            self.begin_pending = True
+            connection._transaction_status = pg8000.core.IN_TRANSACTION
+            return pg8000.core.Context(statement)
+        context = pg8000.core.Context(statement)
+        began = self._send_begin()
+        connection.send_QUERY(statement)
+        pg8000.core._flush(connection._sock)
+        self._receive(began, context)
+        return context
+
+    def execute_unnamed(
+        self, statement: str, vals: Any = (), oids: Any = (), stream: Any = None
+    ) -> Any:
+        connection = self.connection
+        if stream is not None:  # COPY keeps pg8000's own path
+            self._flush_begin()
+            return _core.execute_unnamed(connection, statement, vals, oids, stream)
+        # Encode first: a value that cannot be sent must fail before anything is written.
+        params = pg8000.converters.make_params(connection.py_types, vals)
+        context = pg8000.core.Context(statement)
+        began = self._send_begin()
+        connection.send_PARSE(pg8000.core.NULL_BYTE, statement, oids)
+        connection.send_DESCRIBE_STATEMENT(pg8000.core.NULL_BYTE)
+        connection.send_BIND(pg8000.core.NULL_BYTE, params)
+        connection.send_EXECUTE()
+        pg8000.core._write(connection._sock, pg8000.core.SYNC_MSG)
+        pg8000.core._flush(connection._sock)
+        self._receive(began, context)
+        return context
+
+    def commit(self) -> None:
+        if not self._forget_begin():
+            _core.execute_simple(self.connection, "commit")
+
+    def rollback(self) -> None:
+        if not self._forget_begin() and self.connection._in_transaction:
+            _core.execute_simple(self.connection, "rollback")
+
+    def _send_begin(self) -> bool:
+        """Queue the pending BEGIN ahead of the next statement; whether there was one."""
+        if not self.begin_pending:
+            return False
+        self.begin_pending = False
+        self.connection.send_QUERY(self.begin)
+        return True
+
+    def _flush_begin(self) -> None:
+        if self._send_begin():
+            pg8000.core._flush(self.connection._sock)
+            self.connection.handle_messages(pg8000.core.Context(self.begin))
+
+    def _receive(self, began: bool, context: Any) -> None:
+        """Read the BEGIN's answer, if it was sent, then the statement's; raise the first error."""
+        connection = self.connection
+        begin_error = None
+        if began:
+            try:
+                connection.handle_messages(pg8000.core.Context(self.begin))
+            except pg8000.core.DatabaseError as error:
+                begin_error = error
+        try:
+            connection.handle_messages(context)
+        except pg8000.core.DatabaseError:
+            if begin_error is None:
+                raise
+        if begin_error is not None:
+            raise begin_error
+
+    def _forget_begin(self) -> bool:
+        """End a transaction the server never saw; whether there was one."""
+        if not self.begin_pending:
+            return False
+        self.begin_pending = False
+        self.connection._transaction_status = pg8000.core.IDLE
+        return True
 
 
-def tune_connection(dbapi_connection: Any, _record: Any = None) -> None:
-    """On each new connection: TCP_NODELAY, one round trip per statement, COMMIT and
-    ROLLBACK, and fast timestamps."""
+def tune_connection(dbapi_connection: Any, begin: str) -> None:
+    """Tune one new pg8000 connection (the module docstring lists how); ``begin`` is the
+    statement that opens each of its transactions, e.g. ``BEGIN; SET LOCAL ...``."""
+    pg8000.legacy.convert_paramstyle = _dispatch_convert_paramstyle
     sock = getattr(dbapi_connection, "_usock", None)
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def commit() -> None:
-        dbapi_connection.execute_simple("commit")
-
-    def rollback() -> None:
-        if dbapi_connection._in_transaction:
-            dbapi_connection.execute_simple("rollback")
-
-    dbapi_connection.execute_unnamed = functools.partial(
-        _pipelined_execute_unnamed, dbapi_connection
+    tuned = _Tuned(dbapi_connection, begin)
+    dbapi_connection.tuned = tuned
+    dbapi_connection.execute_simple = tuned.execute_simple
+    dbapi_connection.execute_unnamed = tuned.execute_unnamed
+    dbapi_connection.commit = tuned.commit
+    dbapi_connection.rollback = tuned.rollback
+    dbapi_connection.cursor = lambda: pg8000.legacy.Cursor(
+        dbapi_connection, paramstyle=_CACHED_FORMAT
     )
-    dbapi_connection.commit = commit
-    dbapi_connection.rollback = rollback
     dbapi_connection.register_in_adapter(TIMESTAMPTZ_OID, _timestamptz)

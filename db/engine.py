@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from db import driver
 from db.config import Settings
+from db.outage import describe, outages
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,16 @@ class Database:
             upgrade(engine)
         else:
             engine, self._connector = _postgresql_engine(settings)
+        event.listen(engine, "invalidate", _note_lost_connection)
         log.info("engine built", extra={"database": engine.url.render_as_string()})
         self._sessionmaker = orm.sessionmaker(bind=engine)
         self._engine = engine
+
+
+def _note_lost_connection(_dbapi: Any, _record: Any, exception: BaseException | None) -> None:
+    """The pool discards a connection the server or network dropped: one line, or a count."""
+    if exception is not None:
+        outages.failure(f"a connection was lost ({describe(exception)})")
 
 
 def _pool_arguments(settings: Settings) -> dict[str, Any]:
@@ -124,14 +132,6 @@ def _pool_arguments(settings: Settings) -> dict[str, Any]:
 
 def _postgresql_engine(settings: Settings) -> tuple[Engine, Any]:
     connect_args: dict[str, Any] = {
-        # Sent in the startup packet: no extra round trip per connection. A frozen or
-        # killed instance cannot hold locks longer than these.
-        "startup_params": {
-            "statement_timeout": str(int(settings.statement_timeout * 1000)),
-            "idle_in_transaction_session_timeout": str(
-                int(settings.idle_in_transaction_timeout * 1000)
-            ),
-        },
         # A socket read never outlives the statement it waits for by much.
         "timeout": settings.statement_timeout + 10,
         # Names the function in pg_stat_activity; Cloud Run sets K_SERVICE.
@@ -146,9 +146,45 @@ def _postgresql_engine(settings: Settings) -> tuple[Engine, Any]:
 
         creator, connector = connector_creator(settings.cloud_sql, connect_args)
         engine = create_engine(settings.url, creator=creator, **_pool_arguments(settings))
-    driver.install_statement_cache()
-    event.listen(engine, "connect", driver.tune_connection)
+    _set_timeouts_per_transaction(engine, settings)
     return engine, connector
+
+
+def transaction_settings(settings: Settings) -> str:
+    """``SET LOCAL`` of the server-side timeouts, for the start of every transaction.
+
+    They travel with each transaction rather than in the connection's startup packet:
+    a transaction-mode pooler (PgBouncer, Cloud SQL's Managed Connection Pooling) refuses
+    startup parameters it does not know, and would not keep session settings between the
+    transactions it hands to different server connections. A frozen or killed instance
+    cannot hold locks longer than these.
+    """
+    statement = int(settings.statement_timeout * 1000)
+    idle = int(settings.idle_in_transaction_timeout * 1000)
+    return (
+        f"SET LOCAL statement_timeout = {statement};"
+        f" SET LOCAL idle_in_transaction_session_timeout = {idle}"
+    )
+
+
+def _set_timeouts_per_transaction(engine: Engine, settings: Settings) -> None:
+    begin = f"BEGIN; {transaction_settings(settings)}"
+    if settings.driver_tuning and driver.is_tested():
+        # The settings ride in the same write as BEGIN and the first statement: no round trip.
+        event.listen(engine, "connect", lambda dbapi, _record: driver.tune_connection(dbapi, begin))
+        return
+    if settings.driver_tuning:
+        log.warning(
+            "pg8000 %s has not been tested with this service's tuning (db/driver.py, tested: "
+            "%s); running it as installed",
+            driver.installed_version(),
+            ", ".join(driver.TESTED_PG8000),
+        )
+
+    @event.listens_for(engine, "begin")
+    def _set_local(connection: Any) -> None:
+        # pg8000 sends its own BEGIN first; these are one more round trip.
+        connection.exec_driver_sql(transaction_settings(settings))
 
 
 class _TlsNegotiation:

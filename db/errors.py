@@ -8,6 +8,7 @@ translated to the matching SQLSTATE so both backends sort the same way.
 from __future__ import annotations
 
 import enum
+import re
 
 from sqlalchemy import exc as sa_exc
 
@@ -28,6 +29,7 @@ class Failure(enum.Enum):
     TRANSIENT = "transient"  # safe to retry the whole transaction
     UNAVAILABLE = "unavailable"  # the database cannot serve this request now
     SCHEMA_MISMATCH = "schema_mismatch"  # a table or column the code uses does not exist
+    REFUSED = "refused"  # the database refuses this service: a setting is wrong, retrying won't do
     OTHER = "other"
 
 
@@ -53,6 +55,19 @@ _SQLITE_ERROR_MESSAGES = {
 }
 
 _SCHEMA_SQLSTATES = {"42P01", "42703"}  # undefined_table, undefined_column
+
+_REFUSED_SQLSTATES = {
+    "28000",  # invalid_authorization_specification
+    "28P01",  # invalid_password
+    "3D000",  # invalid_catalog_name: no such database
+    "42501",  # insufficient_privilege
+}
+# PgBouncer reports every refusal as 08P01 (protocol_violation), transient ones included
+# (query_wait_timeout, max_client_conn): only these messages mean a setting is wrong.
+_REFUSED_08P01 = re.compile(
+    r"unsupported startup parameter|no such (database|user)|authentication failed"
+    r"|login failed|(database|role) \S+ does not exist"
+)
 
 _UNAVAILABLE_SQLSTATES = {
     "53100",  # disk_full
@@ -106,6 +121,8 @@ def classify(error: BaseException) -> Failure:
         return Failure.FOREIGN_KEY_VIOLATION
     if code in _SCHEMA_SQLSTATES:
         return Failure.SCHEMA_MISMATCH
+    if code in _REFUSED_SQLSTATES or (code == "08P01" and _REFUSED_08P01.search(str(error))):
+        return Failure.REFUSED
     if code is not None and (code.startswith("22") or code in ("23502", "23514")):
         return Failure.INVALID_DATA
     if error.connection_invalidated or code in _UNAVAILABLE_SQLSTATES:

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from db.engine import Database
 from db.errors import CommitOutcomeUnknown, Failure, classify, lost_connection
+from db.outage import describe, outages
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,15 @@ def transaction(
     attempt = 1
     while True:
         try:
-            return _attempt(database, work)
+            result = _attempt(database, work)
         except (DBAPIError, OSError) as error:
             if attempt >= max_attempts or not _retryable(error):
                 raise
-            log.warning(
-                "transaction attempt %d failed (%s), retrying", attempt, classify(error).value
-            )
+            # A lost connection is logged once, where the pool invalidates it (db/engine.py).
+            log.info("transaction attempt %d failed (%s), retrying", attempt, describe(error))
+        else:
+            outages.success()
+            return result
         # Jitter spreads the retries of colliding transactions; it needs no cryptographic quality.
         time.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)))  # noqa: S311
         attempt += 1
@@ -88,5 +91,5 @@ def _roll_back(session: Session) -> None:
         session.rollback()
     except BaseException:
         # The connection's state is unknown: discard it rather than return it to the pool.
-        log.warning("rollback failed; discarding the connection", exc_info=True)
+        log.debug("rollback failed; discarding the connection", exc_info=True)
         session.invalidate()

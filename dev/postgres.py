@@ -58,7 +58,8 @@ class PostgresServer:
     a temporary folder that ``destroy()`` removes.
     """
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, *, max_connections: int = 200) -> None:
+        self.max_connections = max_connections
         self.bindir = _bindir()
         self.port = free_port()
         self.root = root.resolve() if root else Path(tempfile.mkdtemp(prefix="pgtest-"))
@@ -115,7 +116,7 @@ class PostgresServer:
                 f"-p {self.port}",
                 "-c listen_addresses=127.0.0.1",
                 f"-c unix_socket_directories={self.sockets}",
-                "-c max_connections=200",
+                f"-c max_connections={self.max_connections}",
                 # Durability is not under test; speed is welcome.
                 "-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
             ]

@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
 # Install what the tests need and run every check: ruff, mypy and the test suite.
-# The suite starts its own throwaway PostgreSQL; only the server binaries must be present.
 # Extra arguments go to pytest, e.g. scripts/test.sh -k users -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,19 +10,24 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
   exit 1
 fi
 
-have_postgres() {
-  command -v pg_ctl >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null
-}
-if ! have_postgres; then
-  echo "Installing PostgreSQL server binaries (Debian package postgresql)..."
+# The suite starts its own PostgreSQL and PgBouncer: only their programs must be installed.
+missing=()
+if ! command -v pg_ctl >/dev/null 2>&1 && ! compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null; then
+  missing+=(postgresql)
+fi
+if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+  missing+=(pgbouncer)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "Installing Debian packages: ${missing[*]}..."
   sudo=""
   if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "PostgreSQL server binaries (initdb, pg_ctl) not found; install PostgreSQL 13 or newer" >&2
+    echo "Not found: ${missing[*]}; install PostgreSQL 13 or newer (initdb, pg_ctl) and PgBouncer" >&2
     exit 1
   fi
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

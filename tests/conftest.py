@@ -18,6 +18,8 @@ from sqlalchemy.pool import NullPool
 
 from db.engine import Database
 from db.migrate import upgrade
+from db.outage import outages
+from dev.pgbouncer import PgBouncer
 from dev.postgres import PostgresServer
 from tests.deploying import Deploy, start_deploy
 
@@ -30,6 +32,7 @@ CONFIG_VARIABLES = (
     "DB_IP_TYPE", "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_POOL_RECYCLE",
     "DB_STATEMENT_TIMEOUT", "DB_IDLE_IN_TRANSACTION_TIMEOUT", "LOG_LEVEL", "THREADS",
     "CLOUD_SQL_ADMIN_API_ENDPOINT", "GOOGLE_APPLICATION_CREDENTIALS", "K_SERVICE", "LOG_FORMAT",
+    "DB_DRIVER_TUNING",
 )  # fmt: skip
 
 # A table whose constraint trigger fails at COMMIT: the only honest way to make a commit fail.
@@ -52,11 +55,30 @@ class Instance:
     module: Any  # the entry point module, with its scenario state
 
 
+VARIANTS = ("direct", "pgbouncer", "untuned")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``@pytest.mark.variants("direct", "pgbouncer", ...)`` runs a test once per variant."""
+    marker = metafunc.definition.get_closest_marker("variants")
+    if marker is not None and "variant" in metafunc.fixturenames:
+        assert set(marker.args) <= set(VARIANTS), marker.args
+        metafunc.parametrize("variant", marker.args, indirect=True)
+
+
+@pytest.fixture
+def variant(request: pytest.FixtureRequest) -> str:
+    """How instances reach PostgreSQL: ``direct``, through ``pgbouncer`` in transaction mode,
+    or ``untuned`` (direct, with pg8000 as installed: DB_DRIVER_TUNING=false)."""
+    return str(getattr(request, "param", "direct"))
+
+
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test starts with none of the service's configuration set."""
+    """Every test starts with none of the service's configuration set and no outage noted."""
     for variable in CONFIG_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
+    outages.reset()
 
 
 @pytest.fixture(scope="session")
@@ -93,16 +115,35 @@ def outside(database_url: URL) -> Iterator[Engine]:
     engine.dispose()
 
 
+@pytest.fixture(scope="session")
+def pgbouncer(postgres: PostgresServer) -> Iterator[PgBouncer]:
+    """PgBouncer in transaction mode, with its default rules, in front of the test server."""
+    bouncer = PgBouncer(postgres).start()
+    yield bouncer
+    bouncer.stop()
+
+
 @pytest.fixture
-def pg(database_url: URL, outside: Engine, monkeypatch: pytest.MonkeyPatch) -> Engine:
-    """Configure instances for the test PostgreSQL, with every table emptied first."""
+def pg(
+    database_url: URL,
+    outside: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    variant: str,
+    request: pytest.FixtureRequest,
+) -> Engine:
+    """Configure instances for the test PostgreSQL (as ``variant`` says), every table emptied."""
     with outside.begin() as connection:
         tables = connection.scalars(
             text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
                  " AND tablename <> 'alembic_version'")
         ).all()  # fmt: skip
         connection.exec_driver_sql(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
-    monkeypatch.setenv("DATABASE_URL", database_url.render_as_string(hide_password=False))
+    url = database_url
+    if variant == "pgbouncer":
+        url = request.getfixturevalue("pgbouncer").url(database_url.database)
+    if variant == "untuned":
+        monkeypatch.setenv("DB_DRIVER_TUNING", "false")
+    monkeypatch.setenv("DATABASE_URL", url.render_as_string(hide_password=False))
     return outside
 
 
@@ -136,3 +177,18 @@ def deploy(tmp_path: Path) -> Iterator[Deploy]:
     yield runner
     runner.api.stop()
     assert runner.hosts_called() <= {runner.api.url}, "gcloud called a host other than the stand-in"
+
+
+@pytest.fixture
+def served_user(pg: Engine) -> int:
+    """A user with a balance of 10, whose row a served instance will lock and change."""
+    with pg.begin() as connection:
+        return int(
+            connection.scalar(
+                text(
+                    "INSERT INTO users (name, email, balance, created_at, updated_at)"
+                    " VALUES ('A', 'a@x.io', 10, now(), now()) RETURNING id"
+                )
+            )
+            or 0
+        )

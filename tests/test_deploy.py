@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
+from dev.pgbouncer import PgBouncer
 from dev.postgres import PostgresServer, free_port
 from tests.conftest import ROOT
 from tests.deploying import (
@@ -334,6 +335,8 @@ def test_dry_run_prints_every_command_and_sends_nothing(deploy: Deploy) -> None:
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL must be"),
         ({"FUNCTIONS": "api nope"}, "FUNCTIONS names 'nope', which is not an entry point"),
         ({"FUNCTIONS": "api,api"}, "FUNCTIONS names 'api' twice"),
+        ({"DATABASE_URL_SECRET": "db-url"}, "INSTANCE_CONNECTION_NAME has no use with"),
+        ({"INSTANCE_CONNECTION_NAME": None}, "INSTANCE_CONNECTION_NAME is not set"),
     ],
 )  # fmt: skip
 def test_bad_settings_stop_before_any_request(
@@ -381,3 +384,52 @@ def test_scripts_are_shellcheck_clean() -> None:
     )
 
     assert result.returncode == 0, result.stdout
+
+
+POOLER = {
+    "DATABASE_URL_SECRET": "db-url",
+    "INSTANCE_CONNECTION_NAME": None,
+    "DB_NAME": None,
+    "DB_USER": None,
+    "DB_PASS_SECRET": None,
+}
+
+
+@needs_gcloud
+def test_a_database_url_from_secret_manager_replaces_the_connector_settings(
+    deploy: Deploy,
+) -> None:
+    """With DATABASE_URL_SECRET (a pooler's address), the URL arrives as a secret, none of the
+    connector's settings do, and the budget is the pooler's client limit."""
+    result = deploy("api", FUNCTIONS="api", DB_MAX_CONNECTIONS="1000", **POOLER)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    service = deploy.function("api")["serviceConfig"]
+    [secret] = service["secretEnvironmentVariables"]
+    assert (secret["key"], secret["secret"], secret["version"]) == (
+        "DATABASE_URL",
+        "db-url",
+        "latest",
+    )
+    assert set(service["environmentVariables"]) == {
+        "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "THREADS", "LOG_LEVEL", "GOOGLE_CLOUD_PROJECT",
+    }  # fmt: skip
+    assert service["maxInstanceCount"] == (1000 - 10) // 8
+
+
+@needs_gcloud
+def test_migrate_reads_the_database_url_from_secret_manager(
+    deploy: Deploy, postgres: PostgresServer, pgbouncer: PgBouncer
+) -> None:
+    """--migrate with DATABASE_URL_SECRET: the real gcloud reads the URL, here PgBouncer's, and
+    the migration runs through it before the deploy."""
+    url = _empty_database(postgres, "pooled").set(port=pgbouncer.port)
+    deploy.api.secrets["db-url"] = url.render_as_string(hide_password=False)
+
+    result = deploy("--migrate", "health", FUNCTIONS="health", **POOLER)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    migrated = create_engine(postgres.url("pooled"), poolclass=NullPool)
+    assert {"users", "items", "transfers"} <= set(inspect(migrated).get_table_names())
+    migrated.dispose()
+    assert str(url.password) not in result.stdout + result.stderr

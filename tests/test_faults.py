@@ -1,16 +1,14 @@
 """What production does to the service, done to a real PostgreSQL: restarts, killed connections,
-an exhausted pool, a database down at start, runaway statements, killed and frozen instances,
-and sustained mixed traffic. Every loop here is bounded in count and time."""
+an exhausted pool, a database down at start or full, runaway statements, killed and frozen
+instances, and sustained mixed traffic, with what each leaves in the logs. Every loop here is
+bounded in count and time. Each test runs with the tuned driver and with pg8000 as installed."""
 
 from __future__ import annotations
 
 import contextlib
-import os
+import json
 import random
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -19,13 +17,25 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pg8000.dbapi
 import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 
 from db.migrate import upgrade
-from dev.postgres import PostgresServer, free_port
-from tests.conftest import PROBE, ROOT, Instance
+from dev.postgres import PASSWORD, PostgresServer
+from tests.conftest import PROBE, Instance
+from tests.serving import ServedProbe, row_is_free_and_unchanged, server_connections, wait_for
+
+pytestmark = pytest.mark.variants("direct", "untuned")
+
+
+def _untuned(variant: str) -> dict[str, str]:
+    return {"DB_DRIVER_TUNING": "false"} if variant == "untuned" else {}
+
+
+def _log_lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +56,12 @@ def own_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
-def own_db(own_server: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
+def own_db(
+    own_server: PostgresServer, monkeypatch: pytest.MonkeyPatch, variant: str
+) -> Iterator[Engine]:
     """Instances configured for the module's own server, which is running and empty."""
+    for name, value in _untuned(variant).items():
+        monkeypatch.setenv(name, value)
     if not (own_server.data / "postmaster.pid").exists():
         own_server.start()
     engine = create_engine(own_server.url("app"), pool_pre_ping=True)
@@ -56,21 +70,6 @@ def own_db(own_server: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> Itera
     monkeypatch.setenv("DATABASE_URL", own_server.url("app").render_as_string(hide_password=False))
     yield engine
     engine.dispose()
-
-
-def _server_connections(engine: Engine, name: str, state: str | None = None) -> int:
-    query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"
-    if state is not None:
-        query += " AND state = :state"
-    with engine.connect() as connection:
-        return int(connection.scalar(text(query), {"name": name, "state": state}) or 0)
-
-
-def _wait_for(condition: Callable[[], bool], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
 
 
 def test_restart_during_traffic_gives_fast_503_then_serves_again(
@@ -134,7 +133,7 @@ def test_connections_killed_between_requests_are_replaced_unseen(
     client = instances().client
     with ThreadPoolExecutor(3) as pool:
         list(pool.map(lambda _: client.get("/users").status_code, range(9)))
-    assert _server_connections(pg, "fault-terminate") >= 1
+    assert server_connections(pg, "fault-terminate") >= 1
 
     with pg.connect() as connection:
         connection.execute(
@@ -158,7 +157,7 @@ def test_exhausted_pool_answers_a_fast_503_and_recovers(
     client = instances("probe", PROBE).client
     with ThreadPoolExecutor(2) as pool:
         slow = [pool.submit(client.post, "/sleep?seconds=2") for _ in range(2)]
-        _wait_for(lambda: _server_connections(pg, "fault-pool", "active") == 2, 10)
+        wait_for(lambda: server_connections(pg, "fault-pool", "active") == 2, 10)
 
         started = time.perf_counter()
         refused = client.get("/users")
@@ -210,111 +209,40 @@ def test_runaway_statement_is_cut_off_by_statement_timeout(
     assert probe.client.get("/users").status_code == 200
 
 
-class ServedProbe:
-    """The probe app served by functions-framework in its own process, to be killed or frozen."""
-
-    def __init__(self, url: URL, name: str, tmp_path: Path, **env: str) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("functions-framework")), "--target=probe",
-             f"--source={PROBE}", f"--port={self.port}"],
-            cwd=tmp_path,
-            env={**os.environ, "DATABASE_URL": url.render_as_string(hide_password=False),
-                 "K_SERVICE": name, "THREADS": "2", "PYTHONPATH": str(ROOT), **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # gunicorn's master and its worker form one process group
-        )  # fmt: skip
-        _wait_for(self._listening, 30)
-
-    def _listening(self) -> bool:
-        assert self.process.poll() is None
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    def post_in_background(self, path: str) -> None:
-        def send() -> None:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=60) as conn:
-                conn.sendall(
-                    f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode()
-                )
-                with contextlib.suppress(OSError):
-                    conn.recv(1024)
-
-        threading.Thread(target=send, daemon=True).start()
-
-    def signal(self, signum: int) -> None:
-        """Send ``signum`` to the server and its worker alike, as a host stopping would."""
-        os.killpg(self.process.pid, signum)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.signal(signal.SIGCONT)
-            self.signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-
-@pytest.fixture
-def served_user(pg: Engine) -> int:
-    """A user whose row the served instance will lock and change."""
-    with pg.begin() as connection:
-        return int(
-            connection.scalar(
-                text(
-                    "INSERT INTO users (name, email, balance, created_at, updated_at)"
-                    " VALUES ('A', 'a@x.io', 10, now(), now()) RETURNING id"
-                )
-            )
-            or 0
-        )
-
-
-def _row_is_free_and_unchanged(pg: Engine, user: int) -> bool:
-    with pg.begin() as connection:
-        connection.execute(text("SET LOCAL lock_timeout = '200ms'"))
-        try:
-            balance = connection.scalar(
-                text("SELECT balance FROM users WHERE id = :id FOR UPDATE"), {"id": user}
-            )
-        except Exception:  # noqa: BLE001  # the row is still locked: not yet
-            return False
-    return bool(balance == 10)
-
-
 def test_killed_instance_leaves_no_lock_and_no_partial_write(
-    pg: Engine, database_url: URL, served_user: int, tmp_path: Path
+    pg: Engine, database_url: URL, served_user: int, tmp_path: Path, variant: str
 ) -> None:
     """SIGKILL while a request holds a row lock and an uncommitted write: both vanish at once."""
-    served = ServedProbe(database_url, "fault-killed", tmp_path)
+    served = ServedProbe(database_url, "fault-killed", tmp_path, **_untuned(variant))
     try:
         served.post_in_background(f"/hold?id={served_user}")
-        _wait_for(lambda: _server_connections(pg, "fault-killed", "idle in transaction") == 1, 15)
+        wait_for(lambda: server_connections(pg, "fault-killed", "idle in transaction") == 1, 15)
 
         served.signal(signal.SIGKILL)
         served.process.wait(timeout=30)
 
-        _wait_for(lambda: _server_connections(pg, "fault-killed") == 0, 10)
-        assert _row_is_free_and_unchanged(pg, served_user)
+        wait_for(lambda: server_connections(pg, "fault-killed") == 0, 10)
+        assert row_is_free_and_unchanged(pg, served_user)
     finally:
         served.stop()
 
 
 def test_frozen_instance_is_cut_off_by_idle_in_transaction_timeout(
-    pg: Engine, database_url: URL, served_user: int, tmp_path: Path
+    pg: Engine, database_url: URL, served_user: int, tmp_path: Path, variant: str
 ) -> None:
     """A frozen (SIGSTOP) instance inside a transaction loses its session after the idle timeout."""
-    served = ServedProbe(database_url, "fault-frozen", tmp_path, DB_IDLE_IN_TRANSACTION_TIMEOUT="1")
+    served = ServedProbe(
+        database_url, "fault-frozen", tmp_path, DB_IDLE_IN_TRANSACTION_TIMEOUT="1",
+        **_untuned(variant),
+    )  # fmt: skip
     try:
         served.post_in_background(f"/hold?id={served_user}")
-        _wait_for(lambda: _server_connections(pg, "fault-frozen", "idle in transaction") == 1, 15)
+        wait_for(lambda: server_connections(pg, "fault-frozen", "idle in transaction") == 1, 15)
 
         served.signal(signal.SIGSTOP)
 
-        _wait_for(lambda: _server_connections(pg, "fault-frozen") == 0, 10)
-        assert _row_is_free_and_unchanged(pg, served_user)
+        wait_for(lambda: server_connections(pg, "fault-frozen") == 0, 10)
+        assert row_is_free_and_unchanged(pg, served_user)
     finally:
         served.stop()
 
@@ -337,7 +265,7 @@ def test_sustained_mixed_traffic_stays_within_the_pool(
 
     def watch() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], _server_connections(pg, "fault-sustained"))
+            peak[0] = max(peak[0], server_connections(pg, "fault-sustained"))
             time.sleep(0.02)
 
     def traffic(seed: int) -> Counter[int]:
@@ -380,4 +308,126 @@ def test_sustained_mixed_traffic_stays_within_the_pool(
     assert sum(statuses.values()) > 500
     assert not [status for status in statuses if status >= 500], statuses
     assert 1 <= peak[0] <= 6 + 2
-    assert _server_connections(pg, "fault-sustained", "idle in transaction") == 0
+    assert server_connections(pg, "fault-sustained", "idle in transaction") == 0
+
+
+def test_a_dropped_connection_is_one_warning_line(
+    pg: Engine,
+    instances: Callable[..., Instance],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every pooled connection ended by the server: requests succeed, and the logs hold one
+    WARNING line for it, with no ERROR and no traceback."""
+    monkeypatch.setenv("K_SERVICE", "fault-dropped")
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    monkeypatch.setenv("DB_POOL_SIZE", "3")
+    client = instances().client
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda _: client.get("/users").status_code, range(9)))
+    with pg.connect() as connection:
+        connection.execute(
+            text("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+                 " WHERE application_name = 'fault-dropped'")
+        )  # fmt: skip
+    capsys.readouterr()
+
+    assert [client.get("/users").status_code for _ in range(6)] == [200] * 6
+
+    lines = [line for line in _log_lines(capsys) if line["logger"] != "web.http"]
+    assert [(line["severity"], line["logger"]) for line in lines] == [("WARNING", "db.outage")]
+    assert lines[0]["message"].startswith("database connection failed: a connection was lost")
+    assert "stack_trace" not in lines[0]
+
+
+def test_an_outage_logs_where_it_starts_and_where_it_ends(
+    own_server: PostgresServer,
+    own_db: Engine,
+    instances: Callable[..., Instance],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """PostgreSQL down for a while: its first failure at WARNING with the cause, then one line
+    counting them once it is back; between them only the requests' own lines."""
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    monkeypatch.setenv("DB_POOL_TIMEOUT", "1")
+    client = instances().client
+    assert client.get("/users").status_code == 200
+    own_server.stop("fast")
+    capsys.readouterr()
+
+    down = [client.get("/users").status_code for _ in range(5)]
+    own_server.start()
+    time.sleep(1.1)  # the quiet second after which a success ends the outage
+    up = [client.get("/users").status_code for _ in range(3)]
+
+    assert (down, up) == ([503] * 5, [200] * 3)
+    lines = [line for line in _log_lines(capsys) if line["logger"] != "web.http"]
+    assert [line["severity"] for line in lines] == ["WARNING", "WARNING"]
+    assert lines[0]["message"].startswith("database connection failed: ")
+    assert "reachable again after" in lines[1]["message"]
+    assert int(lines[1]["message"].split("after ")[1].split()[0]) >= 5
+
+
+@pytest.fixture(scope="module")
+def crowded_server() -> Iterator[PostgresServer]:
+    """A server that takes 10 connections at most."""
+    server = PostgresServer(max_connections=10)
+    server.init()
+    server.start()
+    engine = create_engine(server.create_database("app"))
+    upgrade(engine)
+    engine.dispose()
+    yield server
+    server.destroy()
+
+
+def test_an_instance_serves_again_once_a_full_server_frees_connections(
+    crowded_server: PostgresServer,
+    instances: Callable[..., Instance],
+    monkeypatch: pytest.MonkeyPatch,
+    variant: str,
+) -> None:
+    """Every connection taken by someone else: a prompt 503 each; freed: every request is
+    served again within a few seconds, without a restart."""
+    url = crowded_server.url("app")
+    monkeypatch.setenv("DATABASE_URL", url.render_as_string(hide_password=False))
+    monkeypatch.setenv("DB_POOL_SIZE", "4")
+    monkeypatch.setenv("DB_POOL_TIMEOUT", "1")
+    for name, value in _untuned(variant).items():
+        monkeypatch.setenv(name, value)
+    client = instances().client
+    assert client.get("/users").status_code == 200
+    others: list[pg8000.dbapi.Connection] = []
+    with contextlib.suppress(pg8000.dbapi.DatabaseError):
+        while len(others) < 20:
+            others.append(
+                pg8000.dbapi.connect(user="postgres", password=PASSWORD, host="127.0.0.1",
+                                     port=crowded_server.port, database="app")
+            )  # fmt: skip
+
+    def timed(_: int) -> tuple[int, str | None, float]:
+        began = time.perf_counter()
+        response = client.get("/users")
+        return (
+            response.status_code,
+            response.headers.get("Retry-After"),
+            time.perf_counter() - began,
+        )
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            full = list(pool.map(timed, range(12)))
+    finally:
+        for connection in others:
+            connection.close()
+    started = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        freed = list(pool.map(lambda _: client.get("/users").status_code, range(40)))
+
+    assert {status for status, _, _ in full} <= {200, 503}
+    assert 503 in {status for status, _, _ in full}
+    assert all(retry for status, retry, _ in full if status == 503)
+    assert max(seconds for _, _, seconds in full) < 1 + 1  # DB_POOL_TIMEOUT, plus slack
+    assert freed == [200] * 40
+    assert time.monotonic() - started < 5

@@ -151,6 +151,7 @@ def test_longest_key_of_visible_ascii_is_accepted(api: Instance) -> None:
     )
 
 
+@pytest.mark.variants("direct", "pgbouncer")
 def test_twenty_concurrent_requests_with_one_key_act_once(
     pg: Engine, instances: Callable[..., Instance], monkeypatch: pytest.MonkeyPatch
 ) -> None:

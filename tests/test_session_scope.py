@@ -11,6 +11,8 @@ from sqlalchemy.orm import Session
 from db.session import transaction
 from tests.conftest import PROBE, Instance
 
+pytestmark = pytest.mark.variants("direct", "pgbouncer", "untuned")
+
 USER = {"name": "Ada", "email": "ada@example.com"}
 
 

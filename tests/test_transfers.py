@@ -160,6 +160,7 @@ def test_user_with_transfers_cannot_be_removed(api: Instance) -> None:
         assert api.client.get(f"/users/{user}").status_code == 200
 
 
+@pytest.mark.variants("direct", "pgbouncer")
 def test_concurrent_random_transfers_keep_every_balance_consistent(
     pg: Engine, instances: Callable[..., Instance], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from db.errors import Failure, classify
+from db.outage import describe, outages
 from service.errors import (
     Conflict,
     DomainError,
@@ -103,6 +104,13 @@ def error_reply(error: BaseException) -> Reply:
             exc_info=error,
         )
         return _reply(500, "internal", "internal error")
+    if failure is Failure.REFUSED:
+        log.error(
+            "the database refuses this service (%s); retrying will not help: check the "
+            "database settings, the user and its password or grants",
+            describe(error),
+        )
+        return _reply(500, "internal", "internal error")
     if failure is Failure.INVALID_DATA:
         log.warning("the database rejected a value that validation let through", exc_info=error)
         details = [{"loc": ["body"], "msg": "a value is out of range or malformed"}]
@@ -110,7 +118,8 @@ def error_reply(error: BaseException) -> Reply:
     if failure in _FAILURE_REPLY:
         status, code, message = _FAILURE_REPLY[failure]
         if status == 503:
-            log.warning("database unavailable: %s", type(error).__name__, exc_info=error)
+            if failure is Failure.UNAVAILABLE:
+                outages.failure(describe(error))
             return _reply(status, code, message, headers={"Retry-After": RETRY_AFTER_SECONDS})
         return _reply(status, code, message)
     log.error("unhandled error", exc_info=error)

@@ -95,18 +95,24 @@ class JsonFormatter(logging.Formatter):
 
 
 class DeadConnectionNoise(logging.Filter):
-    """Reports SQLAlchemy's pool failing to close or reset a connection as WARNING, not ERROR.
+    """Keeps SQLAlchemy's pool from logging an ERROR with a traceback for each dead connection.
 
-    Those failures come from sockets the server already dropped (a restart, a killed
-    backend); the connection is discarded either way, and each affected request logs
-    its own outcome.
+    When the server or the network drops a connection, the pool fails to close or reset
+    its socket as it discards it. The loss itself is logged once (``db.outage``); these
+    records are the same event again, shown only at DEBUG.
     """
 
-    MESSAGES = ("Exception closing connection", "Exception during reset or similar")
+    MESSAGES = (
+        "Exception closing connection",
+        "Exception terminating connection",
+        "Exception during reset or similar",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.ERROR and str(record.msg).startswith(self.MESSAGES):
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        if record.name.startswith("sqlalchemy.pool") and str(record.msg).startswith(self.MESSAGES):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = record.exc_text = None
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
         return True
 
 
