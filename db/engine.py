@@ -8,15 +8,23 @@ import os
 import signal
 import ssl
 import threading
+import time
 from types import FrameType
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, orm
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from db import driver
 from db.config import Settings
+from db.errors import is_disconnect
 from db.outage import describe, outages
+
+# How long a connection may sit in the pool before it is checked on its way out: long
+# enough that a busy instance never pays for the check, short enough that a connection a
+# server restart or a network timeout took while the instance idled is caught before use.
+PING_AFTER_IDLE_SECONDS = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +115,45 @@ class Database:
         else:
             engine, self._connector = _postgresql_engine(settings)
         event.listen(engine, "invalidate", _note_lost_connection)
+        event.listen(engine, "handle_error", _recognize_lost_connection)
+        event.listen(engine, "checkin", _note_idle_since)
+        event.listen(engine, "checkout", _check_if_idle_long)
         log.info("engine built", extra={"database": engine.url.render_as_string()})
         self._sessionmaker = orm.sessionmaker(bind=engine)
         self._engine = engine
+
+
+def _recognize_lost_connection(context: Any) -> None:
+    """Teach SQLAlchemy the ways pg8000 reports a connection that is gone, so the pool drops it
+    and the connections opened before it, and the transaction is retried in a new one."""
+    if is_disconnect(context.original_exception):
+        context.is_disconnect = True
+
+
+def _note_idle_since(_dbapi: Any, record: Any) -> None:
+    record.info["idle_since"] = time.monotonic()
+
+
+def _check_if_idle_long(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """Ping a connection that sat in the pool long enough to have been dropped.
+
+    A connection in steady use is not pinged: that would cost a round trip per request, and
+    one found dead at its first statement costs no more, since a transaction whose connection
+    was lost before COMMIT is retried on a new one (db/session.py).
+    """
+    idle_since = record.info.get("idle_since")
+    if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
+        return
+    try:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SELECT 1")
+        cursor.close()
+    except Exception as error:
+        if not is_disconnect(error):
+            raise
+        dropped = sa_exc.DisconnectionError(f"dropped while idle in the pool ({describe(error)})")
+        dropped.invalidate_pool = True  # a restart or failover took the others with it
+        raise dropped from error
 
 
 def _note_lost_connection(_dbapi: Any, _record: Any, exception: BaseException | None) -> None:
@@ -124,7 +168,6 @@ def _pool_arguments(settings: Settings) -> dict[str, Any]:
         "max_overflow": settings.max_overflow,
         "pool_timeout": settings.pool_timeout,
         "pool_recycle": settings.pool_recycle,
-        "pool_pre_ping": True,
         # Bound parameters hold user data: keep them out of exception messages and logs.
         "hide_parameters": True,
     }

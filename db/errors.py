@@ -134,6 +134,33 @@ def classify(error: BaseException) -> Failure:
     return Failure.OTHER
 
 
+# The server ends the session with one of these, or the network drops it: the connection is gone.
+_GONE_SQLSTATES = {
+    "57P01",  # admin_shutdown: a restart, or pg_terminate_backend
+    "57P02",  # crash_shutdown
+    "57P05",  # idle_session_timeout
+}
+
+
+def is_disconnect(error: BaseException) -> bool:
+    """True when ``error`` (a driver's exception) means the connection can no longer be used.
+
+    SQLAlchemy's pg8000 dialect knows pg8000's "network error"; the server ending the session
+    (57P01 on a restart or pg_terminate_backend) and a reset socket (a bare ``OSError``) it
+    does not.
+    """
+    orig = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+    if isinstance(orig, OSError):
+        return True
+    text = str(orig)
+    if "network error" in text or "connection is closed" in text:
+        return True
+    code = sqlstate(error)
+    if code == "08P01" and _REFUSED_08P01.search(text):
+        return False  # refused at login: no connection was ever made
+    return code in _GONE_SQLSTATES or (code is not None and code.startswith("08"))
+
+
 def lost_connection(error: BaseException) -> bool:
     """True when the connection dropped: the server never saw the rest of the transaction.
 

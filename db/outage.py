@@ -63,8 +63,6 @@ outages = OutageLog()
 
 def describe(error: BaseException) -> str:
     """A one-line cause for the logs: the exception's kind and the driver's message."""
-    if type(error).__name__ == "InvalidatePoolError":  # the pool's ping, which keeps the cause
-        return "closed while idle in the pool (the check before use found it)"
     orig = getattr(error, "orig", None) or error
     args = getattr(orig, "args", ())
     if args and isinstance(args[0], dict):  # pg8000: the server's error fields

@@ -49,8 +49,8 @@ def transaction(
         except (DBAPIError, OSError) as error:
             if attempt >= max_attempts or not _retryable(error):
                 raise
-            # A lost connection is logged once, where the pool invalidates it (db/engine.py).
-            log.info("transaction attempt %d failed (%s), retrying", attempt, describe(error))
+            if not lost_connection(error):  # a lost one is logged where the pool drops it
+                log.info("transaction attempt %d failed (%s), retrying", attempt, describe(error))
         else:
             outages.success()
             return result

@@ -10,12 +10,13 @@ from typing import Any
 
 import pg8000.core
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import URL
 
+import db.engine
 from db import driver
 from db.config import ConfigError, load_settings
-from tests.conftest import Instance
+from tests.conftest import PROBE, Instance
 
 
 @pytest.fixture
@@ -144,10 +145,10 @@ def test_timestamps_parse_fast_and_fall_back_for_what_isoformat_cannot_read() ->
     assert driver._timestamptz("infinity") == "infinity"
 
 
-def test_a_read_and_a_write_cost_three_round_trips(
+def test_a_read_and_a_write_cost_two_round_trips(
     pg: Engine, instances: Callable[..., Instance]
 ) -> None:
-    """BEGIN with the pre-ping, the statement (its protocol messages in one write), COMMIT."""
+    """BEGIN and its settings with the statement (every message in one write), then COMMIT."""
     client = instances().client
     user = client.post("/users", json={"name": "A", "email": "a@example.com"}).json["id"]
     flushes = [0]
@@ -169,7 +170,7 @@ def test_a_read_and_a_write_cost_three_round_trips(
     finally:
         pg8000.core._flush = real
 
-    assert (read, write) == (3, 3)
+    assert (read, write) == (2, 2)
 
 
 @pytest.mark.parametrize(
@@ -195,3 +196,50 @@ def test_statement_refused_at_any_protocol_step_leaves_the_connection_in_step(
 
         cursor.execute("SELECT %s::int + 1", (41,))
         assert cursor.fetchall() == ([42],)
+
+
+@pytest.fixture
+def watched_pool(
+    pg: Engine, instances: Callable[..., Instance], monkeypatch: pytest.MonkeyPatch
+) -> tuple[Instance, list[str]]:
+    """An instance of one pooled connection; the list fills with each attempt its requests make."""
+    monkeypatch.setenv("K_SERVICE", "idle-check")
+    monkeypatch.setenv("DB_POOL_SIZE", "1")
+    instance = instances("probe", PROBE)
+    assert instance.client.get("/users").status_code == 200
+    attempts: list[str] = []
+    event.listen(instance.database.engine, "begin", lambda _connection: attempts.append("begin"))
+    return instance, attempts
+
+
+def _terminate_the_instance(pg: Engine) -> None:
+    with pg.connect() as connection:
+        connection.execute(
+            text("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+                 " WHERE application_name = 'idle-check'")
+        )  # fmt: skip
+
+
+def test_a_connection_idle_long_is_checked_and_replaced_before_use(
+    pg: Engine, watched_pool: tuple[Instance, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the idle threshold, a dropped connection is found on its way out of the pool: the
+    request's one attempt runs on a new connection."""
+    instance, attempts = watched_pool
+    _terminate_the_instance(pg)
+    monkeypatch.setattr(db.engine, "PING_AFTER_IDLE_SECONDS", 0.0)
+
+    assert instance.client.get("/users").status_code == 200
+    assert attempts == ["begin"]
+
+
+def test_a_connection_in_steady_use_is_not_checked(
+    pg: Engine, watched_pool: tuple[Instance, list[str]]
+) -> None:
+    """Below the threshold nothing is checked: a dropped connection costs the request one
+    failed attempt, retried at once on a new connection, and the request still succeeds."""
+    instance, attempts = watched_pool
+    _terminate_the_instance(pg)
+
+    assert instance.client.get("/users").status_code == 200
+    assert attempts == ["begin", "begin"]

@@ -94,10 +94,10 @@ def test_concurrent_requests_each_get_their_own_session(
     assert len({id(session) for session in probe.module.sessions}) == 16
 
 
-def test_connections_carry_the_server_side_timeouts(
+def test_connections_carry_the_server_side_timeouts_in_every_transaction(
     pg: Engine, instances: Callable[..., Instance], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """statement_timeout and idle_in_transaction_session_timeout are set on every connection."""
+    """statement_timeout and idle_in_transaction_session_timeout hold in each transaction."""
     monkeypatch.setenv("DB_STATEMENT_TIMEOUT", "7")
     monkeypatch.setenv("DB_IDLE_IN_TRANSACTION_TIMEOUT", "11")
     instance = instances()
@@ -112,8 +112,8 @@ def test_connections_carry_the_server_side_timeouts(
 def test_pool_size_follows_the_configuration(
     pg: Engine, instances: Callable[..., Instance], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The pool is sized from THREADS unless DB_POOL_SIZE says otherwise, with pre-ping on."""
+    """The pool is sized from THREADS unless DB_POOL_SIZE says otherwise."""
     monkeypatch.setenv("THREADS", "6")
-    pool = instances().database.engine.pool
-    assert pool.size() == 6  # type: ignore[attr-defined]
-    assert pool._pre_ping
+    assert instances().database.engine.pool.size() == 6  # type: ignore[attr-defined]
+    monkeypatch.setenv("DB_POOL_SIZE", "3")
+    assert instances().database.engine.pool.size() == 3  # type: ignore[attr-defined]
