@@ -1,21 +1,27 @@
-"""Every benchmark in one run: `.venv/bin/python -m bench.run` prints a Markdown report.
+"""Every benchmark in one run: ``.venv/bin/python -m bench.run`` prints the figures as JSON.
 
-It starts its own PostgreSQL and functions-framework servers (gunicorn, as in production) on
-127.0.0.1 and drives them with bounded loads. Absolute numbers on a shared machine are noise,
-so the report leads with ratios measured in the same run, in interleaved rounds.
+It starts its own PostgreSQL, a latency proxy (``bench/latency.py``) that puts the database a
+1 ms round trip away, and functions-framework servers (gunicorn, ``THREADS=8``, as deployed)
+on 127.0.0.1, and drives them with bounded loads: one sequential client for latency, ``wrk``
+for saturated throughput. Absolute numbers on a shared machine are noise, so what counts are
+the ratios measured in the same run, with the variants interleaved in rounds.
 """
 
 from __future__ import annotations
 
+import argparse
+import atexit
 import contextlib
 import http.client
 import json
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,21 +30,30 @@ from pathlib import Path
 from typing import Any
 
 import pg8000.core
-import pg8000.dbapi
 import pg8000.legacy
+import pg8000.native
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import URL
 
-from db import driver
+from bench.latency import LatencyProxy
 from db.migrate import upgrade
 from dev.postgres import PASSWORD, PostgresServer, free_port
 from tests.google.cloudsql import CloudSql
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-ROUNDS = 3
+ROUNDS = 5
 ROUND_SECONDS = 1.5
 ROUND_REQUESTS = 3000
+DELAY_MS = 0.5  # each way: a 1 ms round trip, as from a function to Cloud SQL
 CONNECTOR_INSTANCE = "bench-project:europe-west1:bench"
+VARIANTS = {  # name: (target, source)
+    "service": ("api", ROOT / "main.py"),
+    "google_sample": ("google_sample", BENCH / "variants.py"),
+    "seeds_session": ("seeds_session", BENCH / "variants.py"),
+    "global_session": ("global_session", BENCH / "variants.py"),
+    "engine_per_request": ("engine_per_request", BENCH / "variants.py"),
+}
 
 
 def _percentile(values: list[float], share: float) -> float:
@@ -89,6 +104,18 @@ class Served:
         return int(children.split()[0])
 
 
+@contextlib.contextmanager
+def serving(servers: dict[str, Served]) -> Iterator[dict[str, Served]]:
+    """Start the servers; stop them whatever happens."""
+    try:
+        for server in servers.values():
+            server.start()
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
 class Client:
     """One keep-alive HTTP/1.1 connection, as a calling service would hold."""
 
@@ -127,7 +154,7 @@ def _load(port: int, request: Request, seconds: float, limit: int) -> list[float
 
 def single_client(servers: dict[str, Served], requests: dict[str, Request]) -> dict[str, Any]:
     """Throughput and p50/p99 of one sequential client, in interleaved rounds."""
-    results: dict[str, dict[str, list[float]]] = {}
+    report: dict[str, Any] = {}
     for label, request in requests.items():
         for server in servers.values():
             _load(server.port, request, 0.3, 200)  # warm up: engine, pool, caches
@@ -135,9 +162,6 @@ def single_client(servers: dict[str, Served], requests: dict[str, Request]) -> d
         for _ in range(ROUNDS):
             for name, server in servers.items():
                 per_server[name] += _load(server.port, request, ROUND_SECONDS, ROUND_REQUESTS)
-        results[label] = per_server
-    report: dict[str, Any] = {}
-    for label, per_server in results.items():
         report[label] = {
             name: {
                 "requests": len(latencies),
@@ -150,50 +174,83 @@ def single_client(servers: dict[str, Served], requests: dict[str, Request]) -> d
     return report
 
 
-def _raw_connection(url: Any) -> Any:
-    """A plain pg8000 connection to the benchmark database, as raw code would open it."""
-    return pg8000.dbapi.connect(
-        user=url.username,
-        password=url.password,
-        host=url.host,
-        port=url.port,
-        database=url.database,
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def saturated(servers: dict[str, Served], paths: dict[str, str], seconds: float = 5) -> Any:
+    """Requests per second of one instance under 16 concurrent keep-alive clients (wrk), and
+    the worker's CPU per request. Writes post users with a unique email per request."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return {"skipped": "wrk is not installed (Debian package wrk)"}
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for label, path in paths.items():
+            for name, server in servers.items():
+                if label.startswith("POST") and name == "hello":
+                    continue
+                url = f"http://127.0.0.1:{server.port}{path}"
+                extra = _post_script(Path(folder)) if label.startswith("POST") else []
+                subprocess.run([wrk, "-t1", "-c8", "-d1s", *extra, url], capture_output=True,
+                               check=True, timeout=60)  # fmt: skip
+                extra = _post_script(Path(folder)) if label.startswith("POST") else []
+                pid = server.worker_pid()
+                cpu_before, started = _cpu_seconds(pid), time.monotonic()
+                output = subprocess.run(
+                    [wrk, "-t1", "-c16", f"-d{seconds}s", *extra, url],
+                    capture_output=True, text=True, check=True, timeout=120,
+                ).stdout  # fmt: skip
+                elapsed = time.monotonic() - started
+                rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1])  # type: ignore[index]
+                errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+                report.setdefault(label, {})[name] = {
+                    "per_second": rate,
+                    "worker_cpu_us_per_request": (_cpu_seconds(pid) - cpu_before)
+                    / (rate * elapsed)
+                    * 1e6,
+                    "non_2xx": int(errors[1]) if errors else 0,
+                }
+    return report
+
+
+def _post_script(folder: Path) -> list[str]:
+    """wrk's arguments for POST /users with an email no other request used."""
+    script = folder / f"post-{time.time_ns()}.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'local prefix = "{script.stem}"\n'
+        "local n = 0\n"
+        "request = function()\n"
+        "  n = n + 1\n"
+        '  return wrk.format(nil, nil, nil, \'{"name":"W","email":"w\' .. prefix .. "-" .. n'
+        " .. '@x.io\"}')\n"
+        "end\n"
     )
+    return ["-s", str(script)]
 
 
-def raw_floor(url: Any, user_id: int) -> dict[str, float]:
-    """The same SELECT over one pg8000 connection, in autocommit: the database's share."""
-    with stock_pg8000():
-        return _raw_select(url, user_id)
-
-
-def _raw_select(url: Any, user_id: int) -> dict[str, float]:
-    connection = _raw_connection(url)
-    connection.autocommit = True
-    cursor = connection.cursor()
-    query = "SELECT id, name, email, balance, created_at, updated_at FROM users WHERE id = %s"
+def raw_floor(url: URL, user_id: int) -> dict[str, float]:
+    """One prepared SELECT over one stock pg8000 connection, in autocommit: one round trip."""
+    connection = pg8000.native.Connection(
+        url.username or "", password=url.password, host=url.host, port=url.port,
+        database=url.database,
+    )  # fmt: skip
+    statement = connection.prepare(
+        "SELECT id, name, email, balance, created_at, updated_at FROM users WHERE id = :id"
+    )
     latencies = []
     for _ in range(3000):
         started = time.perf_counter()
-        cursor.execute(query, (user_id,))
-        cursor.fetchall()
+        statement.run(id=user_id)
         latencies.append(time.perf_counter() - started)
     connection.close()
     return {
         "per_second": len(latencies) / sum(latencies),
         "p50_ms": _percentile(latencies, 0.5) * 1000,
     }
-
-
-@contextlib.contextmanager
-def stock_pg8000() -> Iterator[None]:
-    """pg8000 as installed, without the service's placeholder cache (db/driver.py)."""
-    cached = pg8000.legacy.convert_paramstyle
-    pg8000.legacy.convert_paramstyle = pg8000.dbapi.convert_paramstyle = driver._convert_paramstyle
-    try:
-        yield
-    finally:
-        pg8000.legacy.convert_paramstyle = pg8000.dbapi.convert_paramstyle = cached
 
 
 @contextlib.contextmanager
@@ -213,34 +270,33 @@ def counting_round_trips() -> Iterator[list[int]]:
         pg8000.core._flush = real
 
 
-def round_trips(url: Any, user_id: int) -> dict[str, int]:
-    """Round trips to PostgreSQL for one read and one write through the service, in process."""
+def round_trips(url: URL, user_id: int) -> dict[str, dict[str, int]]:
+    """Round trips to PostgreSQL for one read and one write by each variant, in process, on a
+    warm instance (its connection already open)."""
     from functions_framework import create_app
 
     os.environ["DATABASE_URL"] = url.render_as_string(hide_password=False)
     os.environ["LOG_LEVEL"] = "WARNING"
-    client = create_app("api", str(ROOT / "main.py")).test_client()  # type: ignore[no-untyped-call]
-    client.get(f"/users/{user_id}")  # connect first: a new connection's handshake is not counted
-    counts = {}
-    with counting_round_trips() as count:
+    counts: dict[str, dict[str, int]] = {}
+    for name, (target, source) in VARIANTS.items():
+        if name == "global_session":
+            continue  # it answers repeated reads from memory
+        client = create_app(target, str(source)).test_client()  # type: ignore[no-untyped-call]
         client.get(f"/users/{user_id}")
-        counts["GET /users/{id}"] = count[0]
-        count[0] = 0
-        client.post("/users", json={"name": "RT", "email": "round-trips@example.com"})
-        counts["POST /users"] = count[0]
-    connection = _raw_connection(url)
-    connection.autocommit = True
-    cursor = connection.cursor()
-    with counting_round_trips() as count:
-        cursor.execute("SELECT id, name FROM users WHERE id = %s", (user_id,))
-        cursor.fetchall()
-        counts["raw pg8000 SELECT, autocommit"] = count[0]
-    connection.close()
-    sys.modules["main"].database.dispose()
+        counts[name] = {}
+        with counting_round_trips() as count:
+            client.get(f"/users/{user_id}")
+            counts[name]["GET /users/{id}"] = count[0]
+            count[0] = 0
+            email = f"round-trips-{name}-{time.time_ns()}@example.com"
+            client.post("/users", json={"name": "RT", "email": email})
+            counts[name]["POST /users"] = count[0]
+        if name == "service":
+            sys.modules["main"].database.dispose()
     return counts
 
 
-def bulk_insert(service: Served, url: Any, owner: int) -> dict[str, float]:
+def bulk_insert(service: Served, url: URL, owner: int) -> dict[str, float]:
     """1000 items through POST /items against one raw multi-row INSERT of the same rows."""
     items = [{"owner_id": owner, "name": f"item {i}", "quantity": i} for i in range(1000)]
     client = Client(service.port)
@@ -250,39 +306,40 @@ def bulk_insert(service: Served, url: Any, owner: int) -> dict[str, float]:
         status, _ = client.send("POST", "/items", {"items": items})
         through_http.append(time.perf_counter() - started)
         assert status == 201
-    raw = {
-        mode: _raw_insert(url, items, nodelay=mode == "nodelay") for mode in ("nodelay", "nagle")
-    }
+    raw = {mode: _raw_insert(url, items, nodelay=mode == "on") for mode in ("on", "off")}
     return {
         "http_ms": statistics.median(through_http[2:]) * 1000,
-        "raw_ms": statistics.median(raw["nodelay"][2:]) * 1000,
-        "raw_nagle_ms": statistics.median(raw["nagle"][2:]) * 1000,
+        "raw_ms": statistics.median(raw["on"][2:]) * 1000,
+        "raw_nagle_ms": statistics.median(raw["off"][2:]) * 1000,
     }
 
 
-def _raw_insert(url: Any, items: list[dict[str, Any]], *, nodelay: bool) -> list[float]:
+def _raw_insert(url: URL, items: list[dict[str, Any]], *, nodelay: bool) -> list[float]:
     """One multi-row INSERT ... RETURNING id of the items with stock pg8000, 12 times."""
     timings = []
-    with stock_pg8000():
-        connection = _raw_connection(url)
-        if nodelay:
-            connection._usock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        cursor = connection.cursor()
-        rows = ", ".join(["(%s, %s, %s, now())"] * len(items))
-        sql = f"INSERT INTO items (owner_id, name, quantity, created_at) VALUES {rows} RETURNING id"
-        values = [v for item in items for v in (item["owner_id"], item["name"], item["quantity"])]
-        for _ in range(12):
-            started = time.perf_counter()
-            cursor.execute(sql, values)
-            cursor.fetchall()
-            connection.commit()
-            timings.append(time.perf_counter() - started)
-        connection.close()
+    connection = pg8000.legacy.Connection(
+        url.username or "", password=url.password, host=url.host, port=url.port,
+        database=url.database,
+    )  # fmt: skip
+    if nodelay:
+        connection._usock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    cursor = connection.cursor()
+    rows = ", ".join(["(%s, %s, %s, now())"] * len(items))
+    sql = f"INSERT INTO items (owner_id, name, quantity, created_at) VALUES {rows} RETURNING id"
+    values = [v for item in items for v in (item["owner_id"], item["name"], item["quantity"])]
+    for _ in range(12):
+        started = time.perf_counter()
+        cursor.execute(sql, values)
+        cursor.fetchall()
+        connection.commit()
+        timings.append(time.perf_counter() - started)
+    connection.close()
     return timings
 
 
 def connections_under_load(servers: dict[str, Served], log: Path, user_id: int) -> dict[str, Any]:
-    """Server connections opened while 8 clients send 400 reads each, per variant."""
+    """Server connections opened while 8 clients send 400 reads each, per variant, and by the
+    instance since it started."""
     opened = {}
     for name in ("service", "engine_per_request"):
         server = servers[name]
@@ -297,9 +354,11 @@ def connections_under_load(servers: dict[str, Served], log: Path, user_id: int) 
         with ThreadPoolExecutor(8) as pool:
             sent = sum(pool.map(client, range(8)))
         time.sleep(0.2)
+        in_all = log.read_text().count(f"application_name=bench-{name}")
         opened[name] = {
             "requests": sent,
-            "connections_opened": log.read_text().count(f"application_name=bench-{name}") - before,
+            "connections_opened": in_all - before,
+            "connections_opened_since_start": in_all,
         }
     return opened
 
@@ -354,13 +413,14 @@ def cold_start(env: dict[str, str], connector_env: dict[str, str]) -> dict[str, 
         "service (api, Cloud SQL connector)": ("api", ROOT / "main.py", "/healthz", connector_env),
         "hello world": ("hello", BENCH / "hello.py", "/", {}),
     }
+    base = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "LOG_LEVEL")}
     report = {}
     for name, (target, source, path, case_env) in cases.items():
         runs = []
         for _ in range(5):
             output = subprocess.run(
                 [sys.executable, str(BENCH / "coldstart.py"), target, str(source), path],
-                cwd=ROOT, env={**os.environ, **case_env, "LOG_LEVEL": "WARNING"},
+                cwd=ROOT, env={**base, **case_env, "LOG_LEVEL": "WARNING"},
                 capture_output=True, text=True, check=True, timeout=120,
             ).stdout  # fmt: skip
             runs.append(json.loads(output.strip().splitlines()[-1]))
@@ -387,19 +447,32 @@ def cloud_sql_stand_in(server: PostgresServer, folder: Path) -> Iterator[dict[st
         stand_in.stop()
 
 
-def main() -> None:
+def _variants(url: URL) -> dict[str, Served]:
+    env = {"DATABASE_URL": url.render_as_string(hide_password=False)}
+    servers = {name: Served(name, *where, env) for name, where in VARIANTS.items()}
+    servers["hello"] = Served("hello", "hello", BENCH / "hello.py", {})
+    return servers
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="only the one-client comparison at a 1 ms round trip (about 2 minutes)",
+    )
+    latency_only = parser.parse_args(argv).latency_only
     server = PostgresServer()
     server.init()
     server.start()
-    servers: dict[str, Served] = {}
+    proxy = LatencyProxy(server.port, DELAY_MS)
     try:
         admin = create_engine(server.url(), isolation_level="AUTOCOMMIT")
         with admin.connect() as connection:
-            connection.exec_driver_sql("CREATE DATABASE app")
             connection.exec_driver_sql("ALTER SYSTEM SET log_connections = on")
             connection.exec_driver_sql("SELECT pg_reload_conf()")
         admin.dispose()
-        url = server.url("app")
+        url = server.create_database("app")
         engine = create_engine(url)
         upgrade(engine)
         with engine.begin() as connection:
@@ -410,49 +483,42 @@ def main() -> None:
             )))  # fmt: skip
         engine.dispose()
         user_id = user_ids[0]
-        env = {"DATABASE_URL": url.render_as_string(hide_password=False)}
-        servers = {
-            "service": Served("service", "api", ROOT / "main.py", env),
-            "global_session": Served(
-                "global_session", "global_session", BENCH / "variants.py", env
-            ),
-            "engine_per_request": Served(
-                "engine_per_request", "engine_per_request", BENCH / "variants.py", env
-            ),
-            "hello": Served("hello", "hello", BENCH / "hello.py", {}),
-        }
-        for served in servers.values():
-            served.start()
+        delayed = url.set(port=proxy.port)
 
         counter = iter(range(10**9))
-        report: dict[str, Any] = {
-            "single_client": single_client(
-                servers,
-                {
-                    "GET /users/{id}": lambda n: ("GET", f"/users/{user_id}", None),
-                    "POST /users": lambda n: (
-                        "POST",
-                        "/users",
-                        {"name": "B", "email": f"b{next(counter)}@example.com"},
-                    ),
-                },
+        requests: dict[str, Request] = {
+            "GET /users/{id}": lambda n: ("GET", f"/users/{user_id}", None),
+            "POST /users": lambda n: (
+                "POST", "/users", {"name": "B", "email": f"b{next(counter)}@example.com"}
             ),
-            "raw_pg8000_select": raw_floor(url, user_id),
-            "round_trips": round_trips(url, user_id),
-            "bulk_insert_1000": bulk_insert(servers["service"], url, user_id),
-            "connections_under_load": connections_under_load(servers, server.log, user_id),
-        }
-        for served in servers.values():
-            served.stop()
-        fresh = Served("memory", "api", ROOT / "main.py", env).start()
-        servers["memory"] = fresh
-        report["memory"] = memory(fresh, user_ids)
+        }  # fmt: skip
+        paths = {"GET /users/{id}": f"/users/{user_id}", "POST /users": "/users"}
+        report: dict[str, Any] = {}
+        atexit.register(lambda: print(json.dumps(report, indent=2)))
+        for network, target in (("1 ms round trip", delayed), ("loopback", url)):
+            with serving(_variants(target)) as servers:
+                report[network] = {
+                    "single_client": single_client(servers, requests),
+                    "raw_pg8000_one_round_trip": raw_floor(target, user_id),
+                }
+                if latency_only:
+                    return
+                report[network]["saturated"] = saturated(
+                    {name: servers[name] for name in ("service", "google_sample", "hello")}, paths
+                )
+                if network == "loopback":
+                    report["bulk_insert_1000"] = bulk_insert(servers["service"], url, user_id)
+                    report["connections_under_load"] = connections_under_load(
+                        servers, server.log, user_id
+                    )
+        report["round_trips"] = round_trips(url, user_id)
+        env = {"DATABASE_URL": url.render_as_string(hide_password=False)}
+        with serving({"memory": Served("memory", "api", ROOT / "main.py", env)}) as servers:
+            report["memory"] = memory(servers["memory"], user_ids)
         with cloud_sql_stand_in(server, server.root) as connector_env:
             report["cold_start_ms"] = cold_start(env, connector_env)
-        print(json.dumps(report, indent=2))
     finally:
-        for served in servers.values():
-            served.stop()
+        proxy.stop()
         server.destroy()
 
 

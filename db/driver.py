@@ -13,7 +13,8 @@ connection an engine opens, and on no other connection:
   answer (parameters and results travel as text), so the same messages go out in one write,
   with one Sync: one round trip.
 - ``commit()`` and ``rollback()`` go through that same extended protocol. They take no
-  parameters: the simple protocol does them in one round trip.
+  parameters: the simple protocol does them in one round trip. The COMMIT of a read-only
+  transaction (``BEGIN READ ONLY``, see ``_Tuned``) is not waited for at all: it cannot fail.
 - It converts each statement's ``%s`` placeholders to ``$1`` by scanning the text character
   by character on every execute: about 0.25 ms for a small SELECT and tens of milliseconds
   for a 1000-row INSERT. SQLAlchemy sends the same few texts over and over, and the result
@@ -30,6 +31,7 @@ in ``TESTED_PG8000``, which the test suite has run against; with any other versi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
 from datetime import datetime
@@ -76,12 +78,22 @@ def _timestamptz(text: str) -> datetime | str:
 
 
 class _Tuned:
-    """The tuned behaviour of one pg8000 connection: its deferred BEGIN and its sends."""
+    """The tuned behaviour of one pg8000 connection: its deferred BEGIN and its sends.
+
+    ``begin`` opens each transaction (``BEGIN; SET LOCAL ...``); set ``read_only`` before a
+    transaction's first statement to open it ``READ ONLY``. The COMMIT of a read-only
+    transaction is sent without waiting for its answer, which is read before the connection's
+    next answer: the server refuses every write in such a transaction, so its COMMIT has
+    nothing to fail on, and the caller can have its rows one round trip sooner.
+    """
 
     def __init__(self, connection: Any, begin: str) -> None:
         self.connection = connection
         self.begin = begin
         self.begin_pending = False
+        self.read_only = False  # for the next transaction
+        self.began_read_only = False  # the current transaction's BEGIN said READ ONLY
+        self.unread_commits = 0
 
     def execute_simple(self, statement: str) -> Any:
         connection = self.connection
@@ -101,6 +113,7 @@ class _Tuned:
     ) -> Any:
         connection = self.connection
         if stream is not None:  # COPY keeps pg8000's own path
+            self._read_commits()
             self._flush_begin()
             return _core.execute_unnamed(connection, statement, vals, oids, stream)
         # Encode first: a value that cannot be sent must fail before anything is written.
@@ -117,19 +130,37 @@ class _Tuned:
         return context
 
     def commit(self) -> None:
-        if not self._forget_begin():
-            _core.execute_simple(self.connection, "commit")
+        if self._forget_begin():
+            return
+        if self.began_read_only:
+            self.began_read_only = False
+            self.connection.send_QUERY("commit")
+            pg8000.core._flush(self.connection._sock)
+            self.unread_commits += 1
+            self.connection._transaction_status = pg8000.core.IDLE
+            return
+        self._read_commits()
+        _core.execute_simple(self.connection, "commit")
 
     def rollback(self) -> None:
-        if not self._forget_begin() and self.connection._in_transaction:
-            _core.execute_simple(self.connection, "rollback")
+        self.began_read_only = False
+        if self._forget_begin() or not self.connection._in_transaction:
+            return  # as after a COMMIT not waited for: its answer is read with the next one
+        self._read_commits()
+        _core.execute_simple(self.connection, "rollback")
 
     def _send_begin(self) -> bool:
         """Queue the pending BEGIN ahead of the next statement; whether there was one."""
         if not self.begin_pending:
             return False
         self.begin_pending = False
-        self.connection.send_QUERY(self.begin)
+        self.began_read_only, self.read_only = self.read_only, False
+        begin = (
+            self.begin.replace("BEGIN", "BEGIN READ ONLY", 1)
+            if self.began_read_only
+            else self.begin
+        )
+        self.connection.send_QUERY(begin)
         return True
 
     def _flush_begin(self) -> None:
@@ -137,9 +168,20 @@ class _Tuned:
             pg8000.core._flush(self.connection._sock)
             self.connection.handle_messages(pg8000.core.Context(self.begin))
 
+    def _read_commits(self) -> None:
+        """Read the answers of COMMITs sent without waiting, which come before any other."""
+        while self.unread_commits:
+            self.unread_commits -= 1
+            # A read-only transaction kept nothing that its COMMIT could lose: an error
+            # here changes nothing; a dead connection shows in the read itself.
+            with contextlib.suppress(pg8000.core.DatabaseError):
+                self.connection.handle_messages(pg8000.core.Context("commit"))
+
     def _receive(self, began: bool, context: Any) -> None:
-        """Read the BEGIN's answer, if it was sent, then the statement's; raise the first error."""
+        """Read earlier COMMITs' answers, the BEGIN's if it was sent, then the statement's;
+        raise the first error."""
         connection = self.connection
+        self._read_commits()
         begin_error = None
         if began:
             try:
@@ -156,6 +198,7 @@ class _Tuned:
 
     def _forget_begin(self) -> bool:
         """End a transaction the server never saw; whether there was one."""
+        self.read_only = False
         if not self.begin_pending:
             return False
         self.begin_pending = False

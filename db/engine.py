@@ -6,6 +6,7 @@ import atexit
 import logging
 import os
 import signal
+import socket
 import ssl
 import threading
 import time
@@ -120,7 +121,21 @@ class Database:
         event.listen(engine, "checkout", _check_if_idle_long)
         log.info("engine built", extra={"database": engine.url.render_as_string()})
         self._sessionmaker = orm.sessionmaker(bind=engine)
+        if not settings.is_embedded:  # SQLite has no read-only transactions
+            event.listen(self._sessionmaker, "after_begin", _begin_read_only)
         self._engine = engine
+
+
+def _begin_read_only(session: Session, _transaction: Any, connection: Any) -> None:
+    """Open the transaction of a session marked ``info["read_only"]`` read-only, before its
+    first statement."""
+    if not session.info.get("read_only"):
+        return
+    tuned = getattr(connection.connection.dbapi_connection, "tuned", None)
+    if tuned is not None:
+        tuned.read_only = True  # BEGIN READ ONLY, in the same write as the first statement
+    else:
+        connection.exec_driver_sql("SET TRANSACTION READ ONLY")
 
 
 def _recognize_lost_connection(context: Any) -> None:
@@ -252,14 +267,38 @@ class _TlsNegotiation:
 
     def connect(self, dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
         if self.mode in ("allow", "prefer") and self.server_refused:
-            return dialect.connect(*cargs, **cparams, ssl_context=False)
+            return _connect(dialect, cargs, cparams, ssl_context=False)
         try:
-            return dialect.connect(*cargs, **cparams, ssl_context=self.context)
+            return _connect(dialect, cargs, cparams, ssl_context=self.context)
         except dialect.loaded_dbapi.InterfaceError as error:
             if self.mode not in ("allow", "prefer") or "refuses SSL" not in str(error):
                 raise
         self.server_refused = True
-        return dialect.connect(*cargs, **cparams, ssl_context=False)
+        return _connect(dialect, cargs, cparams, ssl_context=False)
+
+
+def _connect(dialect: Any, cargs: Any, cparams: dict[str, Any], ssl_context: Any) -> Any:
+    """pg8000's connect on a socket opened here, and closed here if the connect fails.
+
+    pg8000 does not close its socket when the server resets it during the TLS request (as a
+    restarting server does), which leaves it to the garbage collector.
+    """
+    address = (cparams.get("host", "localhost"), cparams.get("port", 5432))
+    try:
+        sock = socket.create_connection(address, cparams.get("timeout"))
+    except OSError as error:  # reported as pg8000 reports it
+        raise dialect.loaded_dbapi.InterfaceError(
+            f"can't create a connection to {address[0]} port {address[1]}"
+        ) from error
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        # pg8000.connect() takes no socket; the Connection it would make does.
+        return dialect.loaded_dbapi.Connection(
+            *cargs, **cparams, sock=sock, ssl_context=ssl_context
+        )
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _sqlite_engine(settings: Settings) -> Engine:

@@ -29,9 +29,17 @@ _BACKOFF_CAP = 0.5
 
 
 def transaction(
-    database: Database, work: Callable[[Session], T], *, max_attempts: int = MAX_ATTEMPTS
+    database: Database,
+    work: Callable[[Session], T],
+    *,
+    read_only: bool = False,
+    max_attempts: int = MAX_ATTEMPTS,
 ) -> T:
     """Run ``work`` in a new session and transaction, and return what it returns.
+
+    ``read_only``: PostgreSQL refuses any write in the transaction (SQLSTATE 25006), which
+    lets its COMMIT go without waiting for the answer (``db/driver.py``); the HTTP layer asks
+    for it for GET and HEAD.
 
     The commit policy: commit exactly once, after ``work`` returns; roll back when
     it raises anything at all (``BaseException`` included: a worker may inject a
@@ -45,7 +53,7 @@ def transaction(
     attempt = 1
     while True:
         try:
-            result = _attempt(database, work)
+            result = _attempt(database, work, read_only=read_only)
         except (DBAPIError, OSError) as error:
             if attempt >= max_attempts or not _retryable(error):
                 raise
@@ -63,9 +71,10 @@ def _retryable(error: DBAPIError | OSError) -> bool:
     return classify(error) is Failure.TRANSIENT or lost_connection(error)
 
 
-def _attempt(database: Database, work: Callable[[Session], T]) -> T:
+def _attempt(database: Database, work: Callable[[Session], T], *, read_only: bool) -> T:
     session = database.sessionmaker()
     try:
+        session.info["read_only"] = read_only  # db/engine.py opens the transaction so
         result = work(session)
         session.flush()  # failures here are before COMMIT, like any other statement
         _commit(session)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -145,32 +146,46 @@ def test_timestamps_parse_fast_and_fall_back_for_what_isoformat_cannot_read() ->
     assert driver._timestamptz("infinity") == "infinity"
 
 
-def test_a_read_and_a_write_cost_two_round_trips(
+@contextlib.contextmanager
+def counting_round_trips() -> Iterator[dict[str, int]]:
+    """Count pg8000's writes to the server, and the waits: a read right after a write."""
+    counts = {"writes": 0, "waits": 0}
+    written = [False]
+    real_flush, real_read = pg8000.core._flush, pg8000.core._read
+
+    def flush(sock: Any) -> None:
+        counts["writes"] += 1
+        written[0] = True
+        real_flush(sock)
+
+    def read(sock: Any, size: int) -> Any:
+        if written[0]:
+            counts["waits"] += 1
+            written[0] = False
+        return real_read(sock, size)
+
+    pg8000.core._flush, pg8000.core._read = flush, read
+    try:
+        yield counts
+    finally:
+        pg8000.core._flush, pg8000.core._read = real_flush, real_read
+
+
+def test_a_read_waits_for_one_round_trip_and_a_write_for_two(
     pg: Engine, instances: Callable[..., Instance]
 ) -> None:
-    """BEGIN and its settings with the statement (every message in one write), then COMMIT."""
+    """A write: BEGIN, its settings and the statement in one write, then COMMIT. A read: the
+    same two writes, but its COMMIT (of a read-only transaction) is not waited for."""
     client = instances().client
     user = client.post("/users", json={"name": "A", "email": "a@example.com"}).json["id"]
-    flushes = [0]
-    real = pg8000.core._flush
 
-    def counting(sock: Any) -> None:
-        flushes[0] += 1
-        real(sock)
-
-    pg8000.core._flush = counting
-    try:
+    with counting_round_trips() as read:
         assert client.get(f"/users/{user}").status_code == 200
-        read = flushes[0]
-        flushes[0] = 0
-        assert (
-            client.post("/users", json={"name": "B", "email": "b@example.com"}).status_code == 201
-        )
-        write = flushes[0]
-    finally:
-        pg8000.core._flush = real
+    with counting_round_trips() as write:
+        assert client.post("/users", json={"name": "B", "email": "b@x.io"}).status_code == 201
 
-    assert (read, write) == (2, 2)
+    assert read == {"writes": 2, "waits": 1}
+    assert write == {"writes": 2, "waits": 2}
 
 
 @pytest.mark.parametrize(
@@ -243,3 +258,47 @@ def test_a_connection_in_steady_use_is_not_checked(
 
     assert instance.client.get("/users").status_code == 200
     assert attempts == ["begin", "begin"]
+
+
+def test_an_untested_pg8000_runs_as_installed_with_one_warning(
+    pg: Engine,
+    instances: Callable[..., Instance],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A pg8000 version the tuning was not tested with is left as it is, and says so once."""
+    monkeypatch.setattr(driver, "installed_version", lambda: "9.9.9")
+    instance = instances()
+
+    assert [instance.client.get("/users").status_code for _ in range(3)] == [200] * 3
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "pg8000 9.9.9 has not been tested" in warnings[0]
+    with instance.database.engine.connect() as connection:
+        assert not hasattr(connection.connection.dbapi_connection, "tuned")
+
+
+def test_driver_tuning_can_be_turned_off(
+    pg: Engine, instances: Callable[..., Instance], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DB_DRIVER_TUNING=false: pg8000 as installed, at its own round trips, still correct."""
+    monkeypatch.setenv("DB_DRIVER_TUNING", "false")
+    client = instances().client
+    user = client.post("/users", json={"name": "A", "email": "a@example.com"}).json["id"]
+    flushes = [0]
+    real = pg8000.core._flush
+
+    def counting(sock: Any) -> None:
+        flushes[0] += 1
+        real(sock)
+
+    pg8000.core._flush = counting
+    try:
+        assert client.get(f"/users/{user}").status_code == 200
+    finally:
+        pg8000.core._flush = real
+
+    # BEGIN, the SET LOCAL settings, SET TRANSACTION READ ONLY, the statement's three steps,
+    # COMMIT's three.
+    assert flushes[0] == 9

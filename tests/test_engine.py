@@ -94,6 +94,7 @@ def test_concurrent_requests_each_get_their_own_session(
     assert len({id(session) for session in probe.module.sessions}) == 16
 
 
+@pytest.mark.variants("direct", "pgbouncer", "untuned")
 def test_connections_carry_the_server_side_timeouts_in_every_transaction(
     pg: Engine, instances: Callable[..., Instance], monkeypatch: pytest.MonkeyPatch
 ) -> None:

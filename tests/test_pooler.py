@@ -57,14 +57,17 @@ def test_a_full_pgbouncer_pool_is_an_outage_not_a_refusal(postgres: PostgresServ
     """A client that waited too long for a server connection is dropped (query_wait_timeout):
     that passes, so it is an outage (503), not a refusal."""
     bouncer = PgBouncer(postgres, default_pool_size=1, query_wait_timeout=1).start()
-    holder = pg8000.dbapi.connect(
-        user="postgres", password=PASSWORD, host="127.0.0.1", port=bouncer.port, database="app"
-    )
     try:
-        holder.cursor().execute("SELECT 1")  # holds the one server connection in a transaction
-        error = _error_of(bouncer.url("app"))
+        holder = pg8000.dbapi.connect(
+            user="postgres", password=PASSWORD, host="127.0.0.1", port=bouncer.port,
+            database="app",
+        )  # fmt: skip
+        try:
+            holder.cursor().execute("SELECT 1")  # holds the one server connection in a transaction
+            error = _error_of(bouncer.url("app"))
+        finally:
+            holder.close()
     finally:
-        holder.close()
         bouncer.stop()
 
     assert classify(error) is Failure.UNAVAILABLE

@@ -254,3 +254,17 @@ def test_handler_finds_the_row_it_added_in_the_same_request(probe: Instance) -> 
 
     assert response.status_code == 200
     assert response.json == {"found": True}
+
+
+# Reads are read-only
+
+
+def test_a_get_runs_read_only_and_a_write_in_it_is_refused(probe: Instance, pg: Engine) -> None:
+    """GET is a safe method: its transaction is read-only, so a write in it fails and stays out;
+    the next request is served."""
+    response = probe.client.get("/write-on-get")
+
+    assert response.status_code == 500
+    with pg.connect() as connection:
+        assert connection.scalar(text("SELECT count(*) FROM users")) == 0
+    assert probe.client.get("/users").status_code == 200

@@ -149,9 +149,10 @@ def request_scope(
     The decorated function receives a fresh session and the Flask request, and returns a
     ``Reply`` or any JSON value (a 200). It runs in ``transaction()``: one commit after it
     returns, a rollback when it raises, retries of transient failures, the session always
-    closed. Exceptions become the contract's error bodies, each request is logged with its
-    request id, and a ``POST`` with an ``Idempotency-Key`` acts once. ``methods`` limits the
-    methods it answers; any other is a 405::
+    closed; for GET and HEAD the transaction is read-only. Exceptions become the contract's
+    error bodies, each request is logged with its request id, and a ``POST`` with an
+    ``Idempotency-Key`` acts once. ``methods`` limits the methods it answers; any other is a
+    405::
 
         @functions_framework.http
         @request_scope(database, methods=["GET"])
@@ -172,7 +173,7 @@ def request_scope(
                 return result if isinstance(result, Reply) else Reply(200, result)
 
             keyed = _keyed(request, lambda: request.get_data(as_text=True))
-            return _run(database, view, Call(), keyed)
+            return _run(database, view, Call(), keyed, request.method)
 
         @functools.wraps(function)
         def entry_point(request: flask.Request) -> flask.Response:
@@ -244,7 +245,7 @@ def _handle(request: flask.Request, database: Database, router: Router) -> Reply
         body=endpoint.body(body) if endpoint.body else None,
         query=endpoint.query(request.args) if endpoint.query else None,
     )
-    return _run(database, endpoint.view, call, keyed)
+    return _run(database, endpoint.view, call, keyed, request.method)
 
 
 def _keyed(request: flask.Request, body: Callable[[], Any]) -> tuple[str, str] | None:
@@ -259,9 +260,13 @@ def _keyed(request: flask.Request, body: Callable[[], Any]) -> tuple[str, str] |
     return key, idempotency.fingerprint(request.method, request.path, body())
 
 
-def _run(database: Database, view: View, call: Call, keyed: tuple[str, str] | None) -> Reply:
+def _run(
+    database: Database, view: View, call: Call, keyed: tuple[str, str] | None, method: str
+) -> Reply:
+    # GET and HEAD are safe methods: their transaction is read-only, and a write in one fails.
+    read_only = method in ("GET", "HEAD")
     if keyed is None:
-        return transaction(database, lambda session: view(session, call))
+        return transaction(database, lambda session: view(session, call), read_only=read_only)
     key, digest = keyed
     return transaction(database, lambda session: _idempotent(session, key, digest, view, call))
 

@@ -180,6 +180,13 @@ def missing_table(session: Session, call: Call) -> Reply:
     return Reply(200, {})
 
 
+def write_on_get(session: Session, call: Call) -> Reply:
+    """Add a user from a GET, which must not write."""
+    session.add(_new_user("write-on-get@example.com"))
+    session.flush()
+    return Reply(200, {})
+
+
 def _one(path: str, method: str, view: http.View, **options: Any) -> Route:
     return route(path, **{method: Endpoint(view, **options)})
 
@@ -202,6 +209,7 @@ ROUTER = Router(
         _one("/hold", "POST", hold, query=lambda args: int(args["id"])),
         _one("/settings", "GET", settings),
         _one("/missing-table", "GET", missing_table),
+        _one("/write-on-get", "GET", write_on_get),
     ]
 )
 
