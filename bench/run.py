@@ -254,43 +254,50 @@ def raw_floor(url: URL, user_id: int) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def counting_round_trips() -> Iterator[list[int]]:
-    """Count pg8000's flushes: each sends what is buffered and then waits for the server."""
-    count = [0]
-    real = pg8000.core._flush
+def counting_round_trips() -> Iterator[dict[str, int]]:
+    """Count pg8000's writes to the server, and the round trips: a read right after a write,
+    that is, a wait for the server's answer."""
+    counts = {"writes": 0, "round_trips": 0}
+    written = [False]
+    real_flush, real_read = pg8000.core._flush, pg8000.core._read
 
     def flush(sock: Any) -> None:
-        count[0] += 1
-        real(sock)
+        counts["writes"] += 1
+        written[0] = True
+        real_flush(sock)
 
-    pg8000.core._flush = flush
+    def read(sock: Any, size: int) -> Any:
+        if written[0]:
+            counts["round_trips"] += 1
+            written[0] = False
+        return real_read(sock, size)
+
+    pg8000.core._flush, pg8000.core._read = flush, read
     try:
-        yield count
+        yield counts
     finally:
-        pg8000.core._flush = real
+        pg8000.core._flush, pg8000.core._read = real_flush, real_read
 
 
-def round_trips(url: URL, user_id: int) -> dict[str, dict[str, int]]:
-    """Round trips to PostgreSQL for one read and one write by each variant, in process, on a
-    warm instance (its connection already open)."""
+def round_trips(url: URL, user_id: int) -> dict[str, dict[str, dict[str, int]]]:
+    """Writes to PostgreSQL and round trips for one read and one write by each variant, in
+    process, on a warm instance (its connection already open)."""
     from functions_framework import create_app
 
     os.environ["DATABASE_URL"] = url.render_as_string(hide_password=False)
     os.environ["LOG_LEVEL"] = "WARNING"
-    counts: dict[str, dict[str, int]] = {}
+    counts: dict[str, dict[str, dict[str, int]]] = {}
     for name, (target, source) in VARIANTS.items():
         if name == "global_session":
             continue  # it answers repeated reads from memory
         client = create_app(target, str(source)).test_client()  # type: ignore[no-untyped-call]
         client.get(f"/users/{user_id}")
-        counts[name] = {}
-        with counting_round_trips() as count:
+        email = f"round-trips-{name}-{time.time_ns()}@example.com"
+        with counting_round_trips() as read:
             client.get(f"/users/{user_id}")
-            counts[name]["GET /users/{id}"] = count[0]
-            count[0] = 0
-            email = f"round-trips-{name}-{time.time_ns()}@example.com"
+        with counting_round_trips() as write:
             client.post("/users", json={"name": "RT", "email": email})
-            counts[name]["POST /users"] = count[0]
+        counts[name] = {"GET /users/{id}": read, "POST /users": write}
         if name == "service":
             sys.modules["main"].database.dispose()
     return counts
