@@ -226,10 +226,17 @@ def transaction_settings(settings: Settings) -> str:
 
 
 def _set_timeouts_per_transaction(engine: Engine, settings: Settings) -> None:
+    # Each new connection is set up ahead of SQLAlchemy's own first queries on it (insert=True):
+    # an instance frozen during those holds a transaction the idle timeout still ends.
     begin = f"BEGIN; {transaction_settings(settings)}"
     if settings.driver_tuning and driver.is_tested():
         # The settings ride in the same write as BEGIN and the first statement: no round trip.
-        event.listen(engine, "connect", lambda dbapi, _record: driver.tune_connection(dbapi, begin))
+        event.listen(
+            engine,
+            "connect",
+            lambda dbapi, _record: driver.tune_connection(dbapi, begin),
+            insert=True,
+        )
         return
     if settings.driver_tuning:
         log.warning(
@@ -238,6 +245,13 @@ def _set_timeouts_per_transaction(engine: Engine, settings: Settings) -> None:
             driver.installed_version(),
             ", ".join(driver.TESTED_PG8000),
         )
+
+    @event.listens_for(engine, "connect", insert=True)
+    def _open_with_settings(dbapi_connection: Any, _record: Any) -> None:
+        # Opens the connection's first transaction, which its first checkout goes on with.
+        cursor = dbapi_connection.cursor()
+        cursor.execute(transaction_settings(settings))
+        cursor.close()
 
     @event.listens_for(engine, "begin")
     def _set_local(connection: Any) -> None:

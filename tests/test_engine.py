@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import sqlalchemy
 from sqlalchemy import Engine, event
+from sqlalchemy.dialects.postgresql.pg8000 import PGDialect_pg8000
 from sqlalchemy.pool import Pool
 
 import db.engine
@@ -108,6 +109,26 @@ def test_connections_carry_the_server_side_timeouts_in_every_transaction(
         assert (
             connection.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "11s"
         )
+
+
+@pytest.mark.variants("direct", "pgbouncer", "untuned")
+def test_sqlalchemys_first_queries_on_a_connection_run_under_the_timeouts(
+    pg: Engine, instances: Callable[..., Instance], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dialect's own queries on a new connection are inside the timeouts as well: an
+    instance frozen among them does not hold its transaction for ever."""
+    monkeypatch.setenv("DB_IDLE_IN_TRANSACTION_TIMEOUT", "11")
+    seen: list[str] = []
+    real: Callable[[PGDialect_pg8000, Any], None] = PGDialect_pg8000.initialize
+
+    def initialize(self: PGDialect_pg8000, connection: Any) -> None:
+        seen.append(connection.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar())
+        real(self, connection)
+
+    monkeypatch.setattr(PGDialect_pg8000, "initialize", initialize)
+
+    assert instances().client.get("/users").status_code == 200
+    assert seen == ["11s"]
 
 
 def test_pool_size_follows_the_configuration(

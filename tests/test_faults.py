@@ -216,7 +216,7 @@ def test_killed_instance_leaves_no_lock_and_no_partial_write(
     served = ServedProbe(database_url, "fault-killed", tmp_path, **_untuned(variant))
     try:
         served.post_in_background(f"/hold?id={served_user}")
-        wait_for(lambda: server_connections(pg, "fault-killed", "idle in transaction") == 1, 15)
+        wait_for(lambda: not row_is_free_and_unchanged(pg, served_user), 15)  # the UPDATE ran
 
         served.signal(signal.SIGKILL)
         served.process.wait(timeout=30)
@@ -237,7 +237,7 @@ def test_frozen_instance_is_cut_off_by_idle_in_transaction_timeout(
     )  # fmt: skip
     try:
         served.post_in_background(f"/hold?id={served_user}")
-        wait_for(lambda: server_connections(pg, "fault-frozen", "idle in transaction") == 1, 15)
+        wait_for(lambda: not row_is_free_and_unchanged(pg, served_user), 15)  # the UPDATE ran
 
         served.signal(signal.SIGSTOP)
 
