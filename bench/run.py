@@ -38,6 +38,7 @@ from sqlalchemy.engine import URL
 from bench.latency import LatencyProxy
 from db.migrate import upgrade
 from dev.postgres import PASSWORD, PostgresServer, free_port
+from dev.round_trips import counting_round_trips
 from tests.google.cloudsql import CloudSql
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,32 +252,6 @@ def raw_floor(url: URL, user_id: int) -> dict[str, float]:
         "per_second": len(latencies) / sum(latencies),
         "p50_ms": _percentile(latencies, 0.5) * 1000,
     }
-
-
-@contextlib.contextmanager
-def counting_round_trips() -> Iterator[dict[str, int]]:
-    """Count pg8000's writes to the server, and the round trips: a read right after a write,
-    that is, a wait for the server's answer."""
-    counts = {"writes": 0, "round_trips": 0}
-    written = [False]
-    real_flush, real_read = pg8000.core._flush, pg8000.core._read
-
-    def flush(sock: Any) -> None:
-        counts["writes"] += 1
-        written[0] = True
-        real_flush(sock)
-
-    def read(sock: Any, size: int) -> Any:
-        if written[0]:
-            counts["round_trips"] += 1
-            written[0] = False
-        return real_read(sock, size)
-
-    pg8000.core._flush, pg8000.core._read = flush, read
-    try:
-        yield counts
-    finally:
-        pg8000.core._flush, pg8000.core._read = real_flush, real_read
 
 
 def round_trips(url: URL, user_id: int) -> dict[str, dict[str, dict[str, int]]]:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +16,7 @@ from sqlalchemy.engine import URL
 import db.engine
 from db import driver
 from db.config import ConfigError, load_settings
+from dev.round_trips import counting_round_trips
 from tests.conftest import PROBE, Instance
 
 
@@ -146,31 +146,6 @@ def test_timestamps_parse_fast_and_fall_back_for_what_isoformat_cannot_read() ->
     assert driver._timestamptz("infinity") == "infinity"
 
 
-@contextlib.contextmanager
-def counting_round_trips() -> Iterator[dict[str, int]]:
-    """Count pg8000's writes to the server, and the waits: a read right after a write."""
-    counts = {"writes": 0, "waits": 0}
-    written = [False]
-    real_flush, real_read = pg8000.core._flush, pg8000.core._read
-
-    def flush(sock: Any) -> None:
-        counts["writes"] += 1
-        written[0] = True
-        real_flush(sock)
-
-    def read(sock: Any, size: int) -> Any:
-        if written[0]:
-            counts["waits"] += 1
-            written[0] = False
-        return real_read(sock, size)
-
-    pg8000.core._flush, pg8000.core._read = flush, read
-    try:
-        yield counts
-    finally:
-        pg8000.core._flush, pg8000.core._read = real_flush, real_read
-
-
 def test_a_read_waits_for_one_round_trip_and_a_write_for_two(
     pg: Engine, instances: Callable[..., Instance]
 ) -> None:
@@ -184,8 +159,8 @@ def test_a_read_waits_for_one_round_trip_and_a_write_for_two(
     with counting_round_trips() as write:
         assert client.post("/users", json={"name": "B", "email": "b@x.io"}).status_code == 201
 
-    assert read == {"writes": 2, "waits": 1}
-    assert write == {"writes": 2, "waits": 2}
+    assert read == {"writes": 2, "round_trips": 1}
+    assert write == {"writes": 2, "round_trips": 2}
 
 
 @pytest.mark.parametrize(
@@ -286,19 +261,9 @@ def test_driver_tuning_can_be_turned_off(
     monkeypatch.setenv("DB_DRIVER_TUNING", "false")
     client = instances().client
     user = client.post("/users", json={"name": "A", "email": "a@example.com"}).json["id"]
-    flushes = [0]
-    real = pg8000.core._flush
-
-    def counting(sock: Any) -> None:
-        flushes[0] += 1
-        real(sock)
-
-    pg8000.core._flush = counting
-    try:
+    with counting_round_trips() as read:
         assert client.get(f"/users/{user}").status_code == 200
-    finally:
-        pg8000.core._flush = real
 
     # BEGIN, the SET LOCAL settings, SET TRANSACTION READ ONLY, the statement's three steps,
-    # COMMIT's three.
-    assert flushes[0] == 9
+    # COMMIT's three: each waits for its answer.
+    assert read == {"writes": 9, "round_trips": 9}

@@ -38,19 +38,21 @@ def _log_lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
 
 
+def _migrated_server(max_connections: int = 200) -> PostgresServer:
+    """A new running server whose database ``app`` is migrated."""
+    server = PostgresServer(max_connections=max_connections)
+    server.init()
+    server.start()
+    engine = create_engine(server.create_database("app"))
+    upgrade(engine)
+    engine.dispose()
+    return server
+
+
 @pytest.fixture(scope="module")
 def own_server() -> Iterator[PostgresServer]:
     """A server of this module's own, which the tests stop and start."""
-    server = PostgresServer()
-    server.init()
-    server.start()
-    admin = create_engine(server.url(), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.exec_driver_sql("CREATE DATABASE app")
-    admin.dispose()
-    engine = create_engine(server.url("app"))
-    upgrade(engine)
-    engine.dispose()
+    server = _migrated_server()
     yield server
     server.destroy()
 
@@ -372,12 +374,7 @@ def test_an_outage_logs_where_it_starts_and_where_it_ends(
 @pytest.fixture(scope="module")
 def crowded_server() -> Iterator[PostgresServer]:
     """A server that takes 10 connections at most."""
-    server = PostgresServer(max_connections=10)
-    server.init()
-    server.start()
-    engine = create_engine(server.create_database("app"))
-    upgrade(engine)
-    engine.dispose()
+    server = _migrated_server(max_connections=10)
     yield server
     server.destroy()
 

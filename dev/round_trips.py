@@ -1,0 +1,36 @@
+"""Counting what pg8000 sends to the server and how often it waits for an answer, for the
+tests and the benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pg8000.core
+
+
+@contextlib.contextmanager
+def counting_round_trips() -> Iterator[dict[str, int]]:
+    """Count pg8000's writes to the server (``writes``) and its round trips (``round_trips``):
+    reads that follow a write, that is, waits for the server's answer."""
+    counts = {"writes": 0, "round_trips": 0}
+    written = [False]
+    real_flush, real_read = pg8000.core._flush, pg8000.core._read
+
+    def flush(sock: Any) -> None:
+        counts["writes"] += 1
+        written[0] = True
+        real_flush(sock)
+
+    def read(sock: Any, size: int) -> Any:
+        if written[0]:
+            counts["round_trips"] += 1
+            written[0] = False
+        return real_read(sock, size)
+
+    pg8000.core._flush, pg8000.core._read = flush, read
+    try:
+        yield counts
+    finally:
+        pg8000.core._flush, pg8000.core._read = real_flush, real_read
