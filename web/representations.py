@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -12,6 +13,7 @@ from service.items import CreatedItem
 M = TypeVar("M")
 
 
+@functools.lru_cache(maxsize=64)  # the rows of one batch share their created_at
 def timestamp(moment: datetime) -> str:
     """RFC 3339 in UTC with microseconds, e.g. ``2026-11-22T14:27:33.123456Z``."""
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
