@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Callable
+import struct
+import threading
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -88,6 +90,57 @@ def test_sslmode_require_refuses_a_server_without_tls(
     monkeypatch.setenv("DB_POOL_TIMEOUT", "1")
 
     assert instances().client.get("/healthz").status_code == 503
+
+
+@pytest.fixture
+def resetting_server() -> Iterator[int]:
+    """A port whose server resets every connection as soon as the TLS request arrives, as a
+    PostgreSQL that is going down does."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(8)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+def test_a_connect_the_server_resets_closes_its_socket_at_once(
+    instances: Callable[..., Instance],
+    database_url: URL,
+    resetting_server: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server that resets the connection during the TLS request: a 503, and every socket the
+    attempts opened is closed then, not left to the garbage collector."""
+    opened: list[socket.socket] = []
+    real = socket.create_connection
+
+    def recording(*args: Any, **kwargs: Any) -> socket.socket:
+        sock = real(*args, **kwargs)
+        opened.append(sock)
+        return sock
+
+    monkeypatch.setattr(socket, "create_connection", recording)
+    url = database_url.set(port=resetting_server)
+    monkeypatch.setenv("DATABASE_URL", url.render_as_string(hide_password=False))
+
+    assert instances().client.get("/users").status_code == 503
+    assert opened
+    assert [sock.fileno() for sock in opened] == [-1] * len(opened)
 
 
 @pytest.mark.parametrize(
