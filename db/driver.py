@@ -90,6 +90,7 @@ class _Tuned:
     def __init__(self, connection: Any, begin: str) -> None:
         self.connection = connection
         self.begin = begin
+        self.begin_read_only = begin.replace("BEGIN", "BEGIN READ ONLY", 1)
         self.begin_pending = False
         self.read_only = False  # for the next transaction
         self.began_read_only = False  # the current transaction's BEGIN said READ ONLY
@@ -155,12 +156,7 @@ class _Tuned:
             return False
         self.begin_pending = False
         self.began_read_only, self.read_only = self.read_only, False
-        begin = (
-            self.begin.replace("BEGIN", "BEGIN READ ONLY", 1)
-            if self.began_read_only
-            else self.begin
-        )
-        self.connection.send_QUERY(begin)
+        self.connection.send_QUERY(self.begin_read_only if self.began_read_only else self.begin)
         return True
 
     def _flush_begin(self) -> None:
