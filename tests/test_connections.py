@@ -22,19 +22,23 @@ from dev.round_trips import counting_round_trips
 from tests.conftest import PROBE, Instance
 
 
+def _returned_by(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[Any]:
+    """Every value ``owner.name`` returns from now on, in order."""
+    returned: list[Any] = []
+    real = getattr(owner, name)
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        returned.append(real(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(owner, name, recording)
+    return returned
+
+
 @pytest.fixture
 def contexts_built(monkeypatch: pytest.MonkeyPatch) -> list[ssl.SSLContext]:
     """Every SSL context built through ssl.create_default_context (pg8000's way, and ours)."""
-    built: list[ssl.SSLContext] = []
-    real = ssl.create_default_context
-
-    def counting(*args: Any, **kwargs: Any) -> ssl.SSLContext:
-        context = real(*args, **kwargs)
-        built.append(context)
-        return context
-
-    monkeypatch.setattr(ssl, "create_default_context", counting)
-    return built
+    return _returned_by(monkeypatch, ssl, "create_default_context")
 
 
 def _open_connections(instance: Instance, count: int) -> list[Any]:
@@ -126,15 +130,7 @@ def test_a_connect_the_server_resets_closes_its_socket_at_once(
 ) -> None:
     """A server that resets the connection during the TLS request: a 503, and every socket the
     attempts opened is closed then, not left to the garbage collector."""
-    opened: list[socket.socket] = []
-    real = socket.create_connection
-
-    def recording(*args: Any, **kwargs: Any) -> socket.socket:
-        sock = real(*args, **kwargs)
-        opened.append(sock)
-        return sock
-
-    monkeypatch.setattr(socket, "create_connection", recording)
+    opened: list[socket.socket] = _returned_by(monkeypatch, socket, "create_connection")
     url = database_url.set(port=resetting_server)
     monkeypatch.setenv("DATABASE_URL", url.render_as_string(hide_password=False))
 
