@@ -1,7 +1,8 @@
-"""HTTP entry points. Each is deployable as its own function; ``api`` serves them all.
+"""Entry points. Each is deployable as its own function; ``api`` serves every HTTP route.
 
-Every top-level function decorated with ``@functions_framework.http`` here is an entry
-point: ``deploy.sh`` deploys each one under its own name. Settings are read and checked
+Every top-level function decorated with ``@functions_framework.http`` or
+``@functions_framework.cloud_event`` here is an entry point: ``deploy.sh`` deploys each one
+under its own name, an event function with its topic as trigger. Settings are read and checked
 when this module loads (a bad one stops the process); the instance's database (engine,
 pool, connector) is built on the first request that needs it, never here.
 """
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import flask
 import functions_framework
+from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 
 from db.config import startup_settings
 from db.engine import Database
-from web import errors, http, routes
+from service.transfers import create_transfer
+from web import errors, events, http, routes
 from web.logs import configure_logging
+from web.transfers import new_transfer
 
 configure_logging()
 database = Database(startup_settings())
@@ -52,9 +56,19 @@ def api(request: flask.Request) -> flask.Response:
     return http.serve(request, database, routes.API)
 
 
+@functions_framework.cloud_event
+@events.event_scope(database, topic="transfer-requests")
+def transfer_events(session: Session, message: events.Message) -> None:
+    """A transfer per message: its data has the fields of ``POST /transfers``."""
+    create_transfer(session, **new_transfer(message.json()))
+
+
 @functions_framework.errorhandler(HTTPException)  # type: ignore[untyped-decorator]
 def framework_error(error: HTTPException) -> flask.Response:
-    """Paths the framework answers itself (``/favicon.ico``, ``/robots.txt``) answer JSON too."""
+    """Paths the framework answers itself (``/favicon.ico``, ``/robots.txt``) answer JSON too;
+    a failed event delivery answers as it was told to."""
+    if error.response is not None:
+        return error.response  # type: ignore[return-value]
     status = error.code or 500
     code = "not_found" if status == 404 else "bad_request" if status < 500 else "internal"
     reply = errors.Reply(status, {"error": {"code": code, "message": error.description or code}})

@@ -21,6 +21,9 @@ connection an engine opens, and on no other connection:
   depends on the text alone, so the converted text is cached.
 - It parses every ``timestamptz`` with ``strptime``; ``fromisoformat`` reads PostgreSQL's
   output several times faster (pg8000's parser remains the fallback).
+- It has no way to send a statement whose answer can wait. ``send_ahead`` queues one (an
+  event's claim, ``web/events.py``) to go out after ``BEGIN`` in the same write as the
+  transaction's next statement; its row count is checked once the answers are read.
 - It leaves Nagle's algorithm on: a message that overflows its write buffer waits for the
   server's delayed ACK, about 40 ms, as in a large multi-row INSERT.
 
@@ -34,6 +37,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import version
 from typing import Any
@@ -77,6 +82,15 @@ def _timestamptz(text: str) -> datetime | str:
         return pg8000.converters.timestamptz_in(text)  # type: ignore[no-any-return]
 
 
+@dataclass(frozen=True)
+class _Ahead:
+    """A statement sent ahead of the next one; ``check`` is given its row count."""
+
+    statement: str
+    values: tuple[Any, ...]
+    check: Callable[[int], None]
+
+
 class _Tuned:
     """The tuned behaviour of one pg8000 connection: its deferred BEGIN and its sends.
 
@@ -95,6 +109,21 @@ class _Tuned:
         self.read_only = False  # for the next transaction
         self.began_read_only = False  # the current transaction's BEGIN said READ ONLY
         self.unread_commits = 0
+        self.ahead: list[_Ahead] = []
+
+    def send_ahead(
+        self, statement: str, values: tuple[Any, ...], check: Callable[[int], None]
+    ) -> None:
+        """Send ``statement`` (``$1`` placeholders, text parameters, no rows) right after the
+        transaction's ``BEGIN``, in the same write as its next statement, with a Sync of its
+        own: an error in it fails that next statement too. Once both answers are read,
+        ``check`` gets its row count and may raise, ending the statement it travelled with.
+
+        Only before the transaction's first statement has reached the server.
+        """
+        if self.connection._in_transaction and not self.begin_pending:
+            raise RuntimeError("send_ahead needs a transaction the server has not seen yet")
+        self.ahead.append(_Ahead(statement, values, check))
 
     def execute_simple(self, statement: str) -> Any:
         connection = self.connection
@@ -104,9 +133,10 @@ class _Tuned:
             return pg8000.core.Context(statement)
         context = pg8000.core.Context(statement)
         began = self._send_begin()
+        ahead = self._send_ahead()
         connection.send_QUERY(statement)
         pg8000.core._flush(connection._sock)
-        self._receive(began, context)
+        self._receive(began, context, ahead)
         return context
 
     def execute_unnamed(
@@ -114,20 +144,20 @@ class _Tuned:
     ) -> Any:
         connection = self.connection
         if stream is not None:  # COPY keeps pg8000's own path
-            self._read_commits()
-            self._flush_begin()
+            self.flush()
             return _core.execute_unnamed(connection, statement, vals, oids, stream)
         # Encode first: a value that cannot be sent must fail before anything is written.
         params = pg8000.converters.make_params(connection.py_types, vals)
         context = pg8000.core.Context(statement)
         began = self._send_begin()
+        ahead = self._send_ahead()
         connection.send_PARSE(pg8000.core.NULL_BYTE, statement, oids)
         connection.send_DESCRIBE_STATEMENT(pg8000.core.NULL_BYTE)
         connection.send_BIND(pg8000.core.NULL_BYTE, params)
         connection.send_EXECUTE()
         pg8000.core._write(connection._sock, pg8000.core.SYNC_MSG)
         pg8000.core._flush(connection._sock)
-        self._receive(began, context)
+        self._receive(began, context, ahead)
         return context
 
     def commit(self) -> None:
@@ -159,10 +189,31 @@ class _Tuned:
         self.connection.send_QUERY(self.begin_read_only if self.began_read_only else self.begin)
         return True
 
-    def _flush_begin(self) -> None:
-        if self._send_begin():
-            pg8000.core._flush(self.connection._sock)
-            self.connection.handle_messages(pg8000.core.Context(self.begin))
+    def _send_ahead(self) -> list[tuple[_Ahead, Any]]:
+        """Queue the statements sent ahead, each with its own Sync; them and their contexts."""
+        sent, self.ahead = self.ahead, []
+        connection = self.connection
+        contexts = []
+        for item in sent:
+            params = pg8000.converters.make_params(connection.py_types, item.values)
+            connection.send_PARSE(pg8000.core.NULL_BYTE, item.statement, ())
+            connection.send_BIND(pg8000.core.NULL_BYTE, params)
+            connection.send_EXECUTE()
+            pg8000.core._write(connection._sock, pg8000.core.SYNC_MSG)
+            contexts.append((item, pg8000.core.Context(item.statement)))
+        return contexts
+
+    def flush(self) -> None:
+        """Send the pending BEGIN and the statements sent ahead now, and read their answers."""
+        if self.ahead and not self.connection._in_transaction:
+            self.execute_simple("begin transaction")  # they belong in a transaction
+        self._read_commits()
+        began = self._send_begin()
+        ahead = self._send_ahead()
+        if not began and not ahead:
+            return
+        pg8000.core._flush(self.connection._sock)
+        self._receive(began, None, ahead)
 
     def _read_commits(self) -> None:
         """Read the answers of COMMITs sent without waiting, which come before any other."""
@@ -173,28 +224,37 @@ class _Tuned:
             with contextlib.suppress(pg8000.core.DatabaseError):
                 self.connection.handle_messages(pg8000.core.Context("commit"))
 
-    def _receive(self, began: bool, context: Any) -> None:
-        """Read earlier COMMITs' answers, the BEGIN's if it was sent, then the statement's;
-        raise the first error."""
+    def _receive(
+        self, began: bool, context: Any, ahead: list[tuple[_Ahead, Any]] | None = None
+    ) -> None:
+        """Read earlier COMMITs' answers, the BEGIN's if it was sent, those of the statements
+        sent ahead, then the statement's; raise the first error, else let each statement
+        sent ahead check its row count."""
         connection = self.connection
         self._read_commits()
-        begin_error = None
-        if began:
+        first_error = None
+        earlier = [pg8000.core.Context(self.begin)] if began else []
+        earlier += [sent for _, sent in ahead or ()]
+        for sent in earlier:
             try:
-                connection.handle_messages(pg8000.core.Context(self.begin))
+                connection.handle_messages(sent)
             except pg8000.core.DatabaseError as error:
-                begin_error = error
+                first_error = first_error or error
         try:
-            connection.handle_messages(context)
+            if context is not None:
+                connection.handle_messages(context)
         except pg8000.core.DatabaseError:
-            if begin_error is None:
+            if first_error is None:
                 raise
-        if begin_error is not None:
-            raise begin_error
+        if first_error is not None:
+            raise first_error
+        for item, sent in ahead or ():
+            item.check(sent.row_count)
 
     def _forget_begin(self) -> bool:
         """End a transaction the server never saw; whether there was one."""
         self.read_only = False
+        self.ahead = []
         if not self.begin_pending:
             return False
         self.begin_pending = False

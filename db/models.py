@@ -105,3 +105,25 @@ class IdempotencyRecord(Base):
     body: Mapped[Any | None] = mapped_column(JSON)
     headers: Mapped[dict[str, str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class HandledEvent(Base):
+    """The outcome of an event (a Pub/Sub message, an Eventarc CloudEvent), kept by its identity.
+
+    Written in the transaction of the event's effect (``applied``), or alone when the event
+    was refused for good (``rejected``, with the reason): a redelivery finds it and changes
+    nothing.
+    """
+
+    __tablename__ = "handled_events"
+    __table_args__ = (
+        CheckConstraint("outcome IN ('applied', 'rejected')", name="known_outcome"),
+        Index("ix_handled_events_handled_at", "handled_at"),
+    )
+
+    source: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    id: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    type: Mapped[str] = mapped_column(String(1024))
+    outcome: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(2000))
+    handled_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -9,6 +9,7 @@ takes an id (ASCII digits, 1 to 2^63-1), and anything else there is a 404.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import re
@@ -20,6 +21,7 @@ from typing import Any
 
 import flask
 from sqlalchemy.orm import Session
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import BaseConverter, Map, Rule, ValidationError
 
@@ -249,15 +251,45 @@ def _handle(request: flask.Request, database: Database, router: Router) -> Reply
 
 
 def _keyed(request: flask.Request, body: Callable[[], Any]) -> tuple[str, str] | None:
-    """The Idempotency-Key of a POST and the fingerprint of what it asks, or None."""
+    """The Idempotency-Key of a POST (or the delivery id Cloud Tasks or Cloud Scheduler sends
+    in its place) and the fingerprint of what it asks, or None."""
     if request.method != "POST":
         return None
     key = request.headers.get("Idempotency-Key")
     if key is None:
-        return None
-    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        key = delivery_key(request.headers)
+        if key is None:
+            return None
+    elif not _IDEMPOTENCY_KEY.fullmatch(key):
         raise errors.bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters")
     return key, idempotency.fingerprint(request.method, request.path, body())
+
+
+# The headers that name one delivery of a Cloud Tasks task or a Cloud Scheduler run: every
+# retry of it carries the same values.
+_DELIVERY_HEADERS = (
+    ("cloudtasks", "X-CloudTasks-QueueName", "X-CloudTasks-TaskName"),
+    ("cloudscheduler", "X-CloudScheduler-JobName", "X-CloudScheduler-ScheduleTime"),
+)
+
+
+def delivery_key(headers: Mapping[str, str] | Headers) -> str | None:
+    """The idempotency key a Cloud Tasks task or a Cloud Scheduler run stands for, or None.
+
+    ``cloudtasks:QUEUE/TASK`` or ``cloudscheduler:JOB@SCHEDULE_TIME``, as any caller could
+    send it in ``Idempotency-Key``; one too long or not visible ASCII is replaced by its
+    SHA-256 (``cloudtasks:sha256:HEX``).
+    """
+    for service, first, second in _DELIVERY_HEADERS:
+        names = headers.get(first), headers.get(second)
+        if not names[0] or not names[1]:
+            continue
+        joined = f"{names[0]}{'/' if service == 'cloudtasks' else '@'}{names[1]}"
+        key = f"{service}:{joined}"
+        if not _IDEMPOTENCY_KEY.fullmatch(key):
+            key = f"{service}:sha256:{hashlib.sha256(joined.encode()).hexdigest()}"
+        return key
+    return None
 
 
 def _run(
