@@ -203,3 +203,97 @@ def test_key_on_a_read_is_ignored(api: Instance) -> None:
     assert (
         api.client.get("/users", headers={"Idempotency-Key": "not valid here"}).status_code == 200
     )
+
+
+CLOUD_TASKS = {"X-CloudTasks-QueueName": "payments", "X-CloudTasks-TaskName": "order-1234"}
+CLOUD_SCHEDULER = {
+    "X-CloudScheduler-JobName": "nightly-payout",
+    "X-CloudScheduler-ScheduleTime": "2026-11-30T02:00:00.000Z",
+}
+
+
+@pytest.mark.parametrize("delivery", [CLOUD_TASKS, CLOUD_SCHEDULER], ids=["tasks", "scheduler"])
+def test_a_retried_task_without_a_key_replays_its_first_answer(
+    api: Instance, pg: Engine, delivery: dict[str, str]
+) -> None:
+    """Cloud Tasks and Cloud Scheduler send no Idempotency-Key; their delivery id stands for one:
+    the retry after a committed first attempt replays it, one transfer."""
+    ada, bob = two_users(api)
+    body = {"from_user_id": ada, "to_user_id": bob, "amount": 10}
+
+    first = api.client.post("/transfers", json=body, headers=delivery)
+    retried = api.client.post("/transfers", json=body, headers=delivery)
+
+    assert (first.status_code, retried.status_code) == (201, 201)
+    assert retried.json == first.json
+    assert retried.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    assert count(pg, "transfers") == 1
+
+
+def test_each_scheduled_run_is_its_own_delivery(api: Instance, pg: Engine) -> None:
+    """Another schedule time of the same job is another run: it acts."""
+    ada, bob = two_users(api)
+    body = {"from_user_id": ada, "to_user_id": bob, "amount": 10}
+    later = {**CLOUD_SCHEDULER, "X-CloudScheduler-ScheduleTime": "2026-12-01T02:00:00.000Z"}
+
+    api.client.post("/transfers", json=body, headers=CLOUD_SCHEDULER)
+    second = api.client.post("/transfers", json=body, headers=later)
+
+    assert "Idempotent-Replayed" not in second.headers
+    assert count(pg, "transfers") == 2
+
+
+def test_a_task_id_is_the_key_a_caller_could_send_itself(api: Instance, pg: Engine) -> None:
+    """The task's identity is stored as ``cloudtasks:QUEUE/TASK``: the same as sending that key."""
+    ada, bob = two_users(api)
+    body = {"from_user_id": ada, "to_user_id": bob, "amount": 10}
+
+    api.client.post("/transfers", json=body, headers=CLOUD_TASKS)
+    by_key = api.client.post(
+        "/transfers", json=body, headers={"Idempotency-Key": "cloudtasks:payments/order-1234"}
+    )
+
+    assert by_key.headers["Idempotent-Replayed"] == "true"
+    assert count(pg, "transfers") == 1
+
+
+def test_an_idempotency_key_takes_precedence_over_the_task(api: Instance, pg: Engine) -> None:
+    """A caller's own key decides; the task headers beside it are not a second key."""
+    ada, bob = two_users(api)
+    body = {"from_user_id": ada, "to_user_id": bob, "amount": 10}
+
+    api.client.post("/transfers", json=body, headers={**CLOUD_TASKS, "Idempotency-Key": "k-1"})
+    other_key = api.client.post(
+        "/transfers", json=body, headers={**CLOUD_TASKS, "Idempotency-Key": "k-2"}
+    )
+
+    assert "Idempotent-Replayed" not in other_key.headers
+    assert count(pg, "transfers") == 2
+
+
+def test_a_task_name_too_long_for_a_key_is_hashed(api: Instance, pg: Engine) -> None:
+    """A 500-character task id still names one delivery: its retry replays."""
+    ada, bob = two_users(api)
+    body = {"from_user_id": ada, "to_user_id": bob, "amount": 10}
+    long_task = {**CLOUD_TASKS, "X-CloudTasks-TaskName": "t" * 500}
+
+    api.client.post("/transfers", json=body, headers=long_task)
+    retried = api.client.post("/transfers", json=body, headers=long_task)
+
+    assert retried.headers["Idempotent-Replayed"] == "true"
+    assert count(pg, "transfers") == 1
+
+
+def test_a_failed_task_attempt_stores_nothing_so_its_retry_runs(api: Instance, pg: Engine) -> None:
+    """A 409 on the first attempt (no funds yet) is not kept: the retry, after a deposit, acts."""
+    ada, bob = two_users(api, balance=0)
+    body = {"from_user_id": ada, "to_user_id": bob, "amount": 10}
+
+    assert api.client.post("/transfers", json=body, headers=CLOUD_TASKS).status_code == 409
+    with pg.begin() as connection:
+        connection.execute(text("UPDATE users SET balance = 10 WHERE id = :id"), {"id": ada})
+    retried = api.client.post("/transfers", json=body, headers=CLOUD_TASKS)
+
+    assert retried.status_code == 201
+    assert "Idempotent-Replayed" not in retried.headers
