@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Deploy the HTTP functions as 2nd gen Cloud Functions: one `gcloud functions deploy` each.
+# Deploy the functions as 2nd gen Cloud Functions: one `gcloud functions deploy` each.
 #
 # Usage: ./deploy.sh [--dry-run] [--migrate] [--allow-unauthenticated] [FUNCTION ...]
 #   FUNCTION               an entry point of main.py (default: every function in FUNCTIONS)
@@ -7,8 +7,10 @@
 #   --migrate              first run `python -m db upgrade` from here, with the functions' settings
 #   --allow-unauthenticated  let anyone call the functions (default: IAM callers only)
 #
-# The functions are main.py's entry points (each `@functions_framework.http` function at its
-# top level): a new entry point is deployed without any change here.
+# The functions are main.py's entry points: each `@functions_framework.http` function at its
+# top level is deployed with an HTTP trigger, each `@functions_framework.cloud_event` function
+# with `--trigger-topic` (the `topic=` of its `event_scope`) and `--retry`, so that a failed
+# delivery is redelivered rather than dropped. A new entry point needs no change here.
 #
 # Settings, from the environment (docs/deploying.md):
 #   PROJECT_ID, REGION                  where to deploy
@@ -25,6 +27,7 @@
 #   DB_IAM_AUTH=false  DB_IP_TYPE=PUBLIC  CONCURRENCY=8  DB_MAX_OVERFLOW=0  CPU=1  MEMORY=512Mi
 #   TIMEOUT=60s  RUNTIME=python312  LOG_LEVEL=INFO  VPC_CONNECTOR=(none; needed by PRIVATE and PSC)
 #   BUILD_SERVICE_ACCOUNT=(the project's default)   the account Cloud Build builds with (email)
+#   TRIGGER_SERVICE_ACCOUNT=(SERVICE_ACCOUNT)  the account event triggers call the functions as
 #   DB_MAX_CONNECTIONS=100  DB_RESERVED_CONNECTIONS=10   the connection budget for --max-instances:
 #                                       the instance's max_connections, or a pooler's client limit
 # A password is never read from the environment and never passed as a plain variable.
@@ -41,21 +44,43 @@ fail() {
 python=${PYTHON:-.venv/bin/python}
 [[ -x "$python" ]] || python=python3
 
-# main.py is the one list of functions: every top-level function decorated with
-# @functions_framework.http, read without importing anything.
-mapfile -t ENTRY_POINTS < <("$python" - main.py <<'EOF'
+# main.py is the one list of functions, read without importing anything: each line is
+# "NAME http" or "NAME event TOPIC".
+entry_listing=$("$python" - main.py <<'EOF'
 import ast
 import sys
 
 tree = ast.parse(open(sys.argv[1], encoding="utf-8").read())
 for node in tree.body:
-    if isinstance(node, ast.FunctionDef) and any(
-        ast.unparse(decorator) == "functions_framework.http" for decorator in node.decorator_list
-    ):
-        print(node.name)
+    if not isinstance(node, ast.FunctionDef):
+        continue
+    decorators = [ast.unparse(decorator) for decorator in node.decorator_list]
+    if "functions_framework.http" in decorators:
+        print(node.name, "http")
+    elif "functions_framework.cloud_event" in decorators:
+        topics = [
+            keyword.value.value
+            for decorator in node.decorator_list
+            if isinstance(decorator, ast.Call)
+            for keyword in decorator.keywords
+            if keyword.arg == "topic" and isinstance(keyword.value, ast.Constant)
+        ]
+        if len(topics) != 1:
+            sys.exit(f"main.py: {node.name} needs event_scope(..., topic='NAME') to be deployed")
+        print(node.name, "event", topics[0])
 EOF
-)
-[[ ${#ENTRY_POINTS[@]} -gt 0 ]] || fail "main.py has no @functions_framework.http function"
+) || exit 2
+mapfile -t ENTRY_LINES <<<"$entry_listing"
+ENTRY_POINTS=()
+declare -A TRIGGER_TOPIC=()
+for line in "${ENTRY_LINES[@]}"; do
+  read -r name kind topic <<<"$line"
+  ENTRY_POINTS+=("$name")
+  if [[ $kind == event ]]; then
+    TRIGGER_TOPIC[$name]=$topic
+  fi
+done
+[[ ${#ENTRY_POINTS[@]} -gt 0 ]] || fail "main.py has no @functions_framework.http or .cloud_event function"
 
 is_entry_point() {
   local name
@@ -128,6 +153,7 @@ DB_RESERVED_CONNECTIONS=${DB_RESERVED_CONNECTIONS:-10}
 DB_PASS_SECRET=${DB_PASS_SECRET:-}
 VPC_CONNECTOR=${VPC_CONNECTOR:-}
 BUILD_SERVICE_ACCOUNT=${BUILD_SERVICE_ACCOUNT:-}
+TRIGGER_SERVICE_ACCOUNT=${TRIGGER_SERVICE_ACCOUNT:-${SERVICE_ACCOUNT:-}}
 
 FUNCTIONS=${FUNCTIONS:-${ENTRY_POINTS[*]}}
 read -r -a fleet <<<"${FUNCTIONS//,/ }"
@@ -157,6 +183,7 @@ if [[ -n "${INSTANCE_CONNECTION_NAME:-}" && ! "$INSTANCE_CONNECTION_NAME" =~ ^([
 fi
 email SERVICE_ACCOUNT
 email BUILD_SERVICE_ACCOUNT
+email TRIGGER_SERVICE_ACCOUNT
 case "$mode:$DB_IAM_AUTH" in
   url:*) ;;
   *:true)
@@ -338,9 +365,15 @@ for function in "${chosen[@]}"; do
     --region="$REGION"
     --runtime="$RUNTIME"
     --source=.
-    --entry-point="$function"
-    --trigger-http
-    "$access"
+    --entry-point="$function")
+  if [[ -n "${TRIGGER_TOPIC[$function]:-}" ]]; then
+    # Without --retry a failed delivery is dropped; with it, redelivered for up to 24 hours.
+    command+=(--trigger-topic="${TRIGGER_TOPIC[$function]}" --retry
+      --trigger-service-account="$TRIGGER_SERVICE_ACCOUNT")
+  else
+    command+=(--trigger-http "$access")
+  fi
+  command+=(
     --service-account="$SERVICE_ACCOUNT"
     --set-env-vars="$env_vars"
     --concurrency="$CONCURRENCY"

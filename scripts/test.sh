@@ -10,13 +10,17 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
   exit 1
 fi
 
-# The suite starts its own PostgreSQL and PgBouncer: only their programs must be installed.
+# The suite starts its own PostgreSQL, PgBouncer and Pub/Sub emulator: only their programs
+# must be installed.
 missing=()
 if ! command -v pg_ctl >/dev/null 2>&1 && ! compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null; then
   missing+=(postgresql)
 fi
 if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
   missing+=(pgbouncer)
+fi
+if ! compgen -G "/usr/lib/google-cloud-sdk/platform/pubsub-emulator" >/dev/null; then
+  missing+=(google-cloud-cli-pubsub-emulator)  # from Google's apt repository, with gcloud
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "Installing Debian packages: ${missing[*]}..."
@@ -27,7 +31,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     exit 1
   fi
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  if ! DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null; then
+    echo "Could not install ${missing[*]}; the Pub/Sub emulator comes from Google's apt" \
+      "repository (google-cloud-cli-pubsub-emulator, with Java 17)" >&2
+    exit 1
+  fi
 fi
 
 if [ ! -x .venv/bin/python ]; then

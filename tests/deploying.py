@@ -46,7 +46,8 @@ LOCAL_CLUTTER = [".venv/lib/python3.11/site.py", "__pycache__/main.cpython-311.p
 
 
 def entry_points() -> list[str]:
-    """The functions main.py registers with functions-framework, in the order it defines them."""
+    """The functions main.py registers with functions-framework (HTTP and event functions), in
+    the order it defines them."""
     from functions_framework import _function_registry, create_app
 
     create_app("api", str(ROOT / "main.py"))  # type: ignore[no-untyped-call]
@@ -54,7 +55,7 @@ def entry_points() -> list[str]:
     return [
         name
         for name, value in vars(module).items()
-        if _function_registry.REGISTRY_MAP.get(name) == "http" and callable(value)
+        if _function_registry.REGISTRY_MAP.get(name) in ("http", "cloudevent") and callable(value)
     ]
 
 

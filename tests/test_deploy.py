@@ -97,13 +97,53 @@ def test_each_function_is_sent_as_configured(full_deploy: Deploy) -> None:
             "db-pass",
             "latest",
         )
-        assert service["maxInstanceCount"] == 2  # (100 - 10) / 8 / 5
+        assert service["maxInstanceCount"] == 1  # (100 - 10) / 8 / 6, rounded down
         assert service["maxInstanceRequestConcurrency"] == 8
         assert (service["availableCpu"], service["availableMemory"]) == ("1", "512Mi")
         assert service["timeoutSeconds"] == 60
         assert service["serviceAccountEmail"] == SETTINGS["SERVICE_ACCOUNT"]
         assert service["vpcConnector"].endswith("/connectors/functions-egress")
     assert full_deploy.api.invokers == {}  # private: nobody was granted run.invoker
+
+
+@needs_gcloud
+def test_http_functions_get_an_http_trigger_and_event_functions_their_topic(
+    full_deploy: Deploy,
+) -> None:
+    """An event function is triggered by its topic, retried on failure (not dropped), and
+    called by the trigger's account; an HTTP function has no event trigger."""
+    for name, function in full_deploy.api.functions.items():
+        if name == "transfer_events":
+            trigger = function["eventTrigger"]
+            assert trigger["eventType"] == "google.cloud.pubsub.topic.v1.messagePublished"
+            assert trigger["pubsubTopic"] == "projects/acme-prod/topics/transfer-requests"
+            assert trigger["retryPolicy"] == "RETRY_POLICY_RETRY"
+            assert trigger["serviceAccountEmail"] == SETTINGS["SERVICE_ACCOUNT"]
+        else:
+            assert "eventTrigger" not in function, name
+
+
+@needs_gcloud
+def test_event_triggers_call_as_the_trigger_service_account(deploy: Deploy) -> None:
+    """TRIGGER_SERVICE_ACCOUNT names the account Eventarc pushes as."""
+    invoker = "pubsub-invoker@acme-prod.iam.gserviceaccount.com"
+
+    result = deploy("transfer_events", TRIGGER_SERVICE_ACCOUNT=invoker)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert deploy.function("transfer_events")["eventTrigger"]["serviceAccountEmail"] == invoker
+
+
+def test_an_event_function_without_a_topic_is_refused(deploy: Deploy) -> None:
+    """A cloud_event entry point whose event_scope names no topic stops the deploy, naming it."""
+    main = deploy.project / "main.py"
+    main.write_text(main.read_text().replace('topic="transfer-requests"', "topic=TOPIC"))
+
+    result = deploy("--dry-run")
+
+    assert result.returncode == 2
+    assert "transfer_events needs event_scope(..., topic='NAME')" in result.stderr
+    assert deploy.api.received == []
 
 
 @needs_gcloud
@@ -224,7 +264,7 @@ def test_redeploying_some_functions_keeps_every_function_within_the_budget(deplo
     result = deploy("api")
 
     assert result.returncode == 0, result.stderr[-3000:]
-    assert set(_limits(deploy).values()) == {2}
+    assert set(_limits(deploy).values()) == {1}  # (100 - 10) / 8 / 6
     assert sum(_limits(deploy).values()) * 8 <= 100 - 10
 
 

@@ -9,7 +9,6 @@ the ``cloudevents`` SDK. The end-to-end run through the real Pub/Sub emulator is
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -18,66 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cloudevents.conversion import to_binary
-from cloudevents.http import CloudEvent
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 from werkzeug.test import TestResponse
 
 from dev.round_trips import counting_round_trips
 from tests.conftest import Instance
+from tests.deliveries import PROJECT, eventarc, push
 
-PROJECT = "test-project"
 TOPIC = "transfer-requests"
 SOURCE = f"//pubsub.googleapis.com/projects/{PROJECT}/topics/{TOPIC}"
 EVENTS = Path(__file__).resolve().parent / "scenarios" / "events.py"
-
-
-def push(
-    client: FlaskClient,
-    data: Any,
-    message_id: str = "1001",
-    *,
-    topic: str = TOPIC,
-    attributes: dict[str, str] | None = None,
-) -> TestResponse:
-    """Deliver a message as a Pub/Sub push subscription does, to a path naming the topic."""
-    raw = data if isinstance(data, bytes) else json.dumps(data).encode()
-    body = {
-        "subscription": f"projects/{PROJECT}/subscriptions/{topic}-push",
-        "message": {
-            "data": base64.b64encode(raw).decode(),
-            "messageId": message_id,
-            "publishTime": "2026-11-30T12:00:00.000Z",
-            "attributes": attributes or {},
-        },
-    }
-    return client.post(f"/projects/{PROJECT}/topics/{topic}", json=body)
-
-
-def eventarc(
-    client: FlaskClient,
-    data: Any,
-    message_id: str = "1001",
-    *,
-    event_type: str = "google.cloud.pubsub.topic.v1.messagePublished",
-    topic: str = TOPIC,
-) -> TestResponse:
-    """Deliver a message as an Eventarc trigger does: a binary-mode CloudEvent."""
-    raw = data if isinstance(data, bytes) else json.dumps(data).encode()
-    event = CloudEvent(
-        {
-            "type": event_type,
-            "source": f"//pubsub.googleapis.com/projects/{PROJECT}/topics/{topic}",
-            "id": message_id,
-        },
-        {
-            "message": {"data": base64.b64encode(raw).decode(), "messageId": message_id},
-            "subscription": f"projects/{PROJECT}/subscriptions/eventarc-trigger",
-        },
-    )
-    headers, body = to_binary(event)
-    return client.post("/", headers=headers, data=body)
 
 
 def scalar(pg: Engine, sql: str) -> Any:

@@ -68,7 +68,9 @@ def own_db(
         own_server.start()
     engine = create_engine(own_server.url("app"), pool_pre_ping=True)
     with engine.begin() as connection:
-        connection.exec_driver_sql("TRUNCATE users, items, transfers, idempotency_records CASCADE")
+        connection.exec_driver_sql(
+            "TRUNCATE users, items, transfers, idempotency_records, handled_events CASCADE"
+        )
     monkeypatch.setenv("DATABASE_URL", own_server.url("app").render_as_string(hide_password=False))
     yield engine
     engine.dispose()

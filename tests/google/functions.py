@@ -134,6 +134,14 @@ class FunctionsApi(JsonServer):
         service["service"] = (
             f"projects/{match['project']}/locations/{match['region']}/services/{name}"
         )
+        trigger = function.get("eventTrigger")
+        if trigger is not None:  # the Eventarc trigger the API creates for an event function
+            trigger.setdefault(
+                "trigger",
+                f"projects/{match['project']}/locations/{match['region']}/triggers/"
+                f"{name}-{uuid.uuid4().hex[:6]}",
+            )
+            trigger.setdefault("triggerRegion", match["region"])
         return function
 
     def _done(self, match: re.Match[str], function: dict[str, Any]) -> Answer:
