@@ -19,9 +19,11 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
 from werkzeug.test import TestResponse
 
 from dev.round_trips import counting_round_trips
+from service.events import purge_expired
 from tests.conftest import Instance
 from tests.deliveries import PROJECT, eventarc, push
 
@@ -417,3 +419,21 @@ def test_events_on_the_embedded_default(
 
     assert api.client.get("/users/1").json["balance"] == 6
     assert len(api.client.get("/transfers").json["transfers"]) == 1
+
+
+def test_outcomes_are_kept_seven_days_and_purged_after(
+    events_fn: Instance, users: tuple[int, int], pg: Engine
+) -> None:
+    """purge_expired removes outcomes older than 7 days and keeps younger ones."""
+    push(events_fn.client, move(1), "old")
+    push(events_fn.client, move(1), "young")
+    with pg.begin() as connection:
+        connection.execute(
+            text("UPDATE handled_events SET handled_at = now() - interval '7 days 1 minute'"
+                 " WHERE id = 'old'")
+        )  # fmt: skip
+
+    with Session(pg) as session, session.begin():
+        assert purge_expired(session) == 1
+
+    assert [row[1] for row in handled(pg)] == ["young"]

@@ -137,4 +137,4 @@ def test_revision_refuses_an_sqlite_database(project: Path, tmp_path: Path) -> N
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "PostgreSQL" in result.stderr
-    assert not list((project / "db" / "migrations" / "versions").glob("0003_*.py"))
+    assert not list((project / "db" / "migrations" / "versions").glob("0004_*.py"))
