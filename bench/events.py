@@ -1,9 +1,9 @@
 """Events per second through a Pub/Sub push subscription against ``POST /transfers`` per second.
 
 Both at a 1 ms round trip to PostgreSQL (``bench/latency.py``), one run, on one machine:
-``transfer_events`` behind the real Pub/Sub emulator (which pushes as many messages at once as
-it likes), and ``api`` under 8 concurrent keep-alive clients, each instance with 8 threads as
-deployed. Every message and every request moves 1 between two of 100 users.
+``transfer_events`` behind the real Pub/Sub emulator, which pushes at most 2 messages at a
+time, and ``api`` under as many keep-alive clients (``--clients``, 2 by default), each instance
+with 8 threads as deployed. Every message and every request moves 1 between two of 100 users.
 
     .venv/bin/python -m bench.events [--messages 2000]
 """
@@ -48,8 +48,9 @@ def _count(engine: Any, table: str) -> int:
         return int(connection.scalar(text(f"SELECT count(*) FROM {table}")) or 0)
 
 
-def _post_all(port: int, bodies: list[dict[str, int]]) -> float:
-    """Send every body as ``POST /transfers`` from 8 keep-alive clients; the seconds it took."""
+def _post_all(port: int, bodies: list[dict[str, int]], clients: int) -> float:
+    """Send every body as ``POST /transfers`` from ``clients`` keep-alive clients; the seconds
+    it took."""
     lock = threading.Lock()
 
     def post() -> None:
@@ -63,7 +64,7 @@ def _post_all(port: int, bodies: list[dict[str, int]]) -> float:
             assert status == 201, status
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=post) for _ in range(8)]
+    threads = [threading.Thread(target=post) for _ in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -74,6 +75,7 @@ def _post_all(port: int, bodies: list[dict[str, int]]) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.events", description=__doc__)
     parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--clients", type=int, default=2)
     args = parser.parse_args(argv)
 
     server = PostgresServer(Path(tempfile.mkdtemp(prefix="bench-events-")))
@@ -117,10 +119,11 @@ def main(argv: list[str] | None = None) -> None:
                 time.sleep(0.05)
             events_seconds = time.perf_counter() - started
 
-            posts_seconds = _post_all(servers["api"].port, _moves(args.messages, 2))
+            posts_seconds = _post_all(servers["api"].port, _moves(args.messages, 2), args.clients)
         assert _count(engine, "transfers") == 2 * args.messages
         report = {
             "messages": args.messages,
+            "clients": args.clients,
             "events_per_second": round(args.messages / events_seconds, 1),
             "posts_per_second": round(args.messages / posts_seconds, 1),
             "ratio": round(posts_seconds / events_seconds, 2),
