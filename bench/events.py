@@ -25,7 +25,7 @@ from sqlalchemy.pool import NullPool
 from bench.latency import LatencyProxy
 from bench.run import Client, Served, serving
 from db.migrate import upgrade
-from dev.postgres import PostgresServer
+from dev.postgres import PostgresServer, add_users
 from dev.pubsub import PubSubEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,15 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         url = server.create_database("app")
         engine = create_engine(url, poolclass=NullPool)
         upgrade(engine)
-        with engine.begin() as connection:
-            for n in range(1, USERS + 1):
-                connection.execute(
-                    text(
-                        "INSERT INTO users (name, email, balance, created_at, updated_at)"
-                        " VALUES (:n, :e, 1000000, now(), now())"
-                    ),
-                    {"n": f"U{n}", "e": f"u{n}@x.io"},
-                )
+        add_users(engine, USERS, 1_000_000)
         proxy = LatencyProxy(server.port, 0.5)
         delayed = url.set(port=proxy.port).render_as_string(hide_password=False)
         env = {"DATABASE_URL": delayed}

@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
@@ -191,6 +191,21 @@ def throwaway_database(name: str = "app") -> Iterator[URL]:
         yield server.create_database(name)
     finally:
         server.destroy()
+
+
+def add_users(engine: Engine, count: int, balance: int) -> None:
+    """Users 1 to ``count`` (``U1``, ``u1@x.io``, ...), each with ``balance``, for a workload."""
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO users (name, email, balance, created_at, updated_at)"
+                " VALUES (:name, :email, :balance, now(), now())"
+            ),
+            [
+                {"name": f"U{n}", "email": f"u{n}@x.io", "balance": balance}
+                for n in range(1, count + 1)
+            ],
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,39 +87,15 @@ def claim(session: Session, identity: Identity) -> Claim:
         held._tuned = tuned
         tuned.send_ahead(_CLAIM, (identity.source, identity.id, identity.type), held.check)
         return held
-    inserted = session.execute(
-        _insert(session)
-        .values(
-            source=identity.source,
-            id=identity.id,
-            type=identity.type,
-            outcome="applied",
-            handled_at=utcnow(),
-        )
-        .on_conflict_do_nothing(index_elements=["source", "id"])
-        .returning(HandledEvent.id)
-    ).first()
-    held.check(0 if inserted is None else 1)
+    inserted = _record(session, identity, "applied")
+    held.check(1 if inserted else 0)
     return held
 
 
 def reject(session: Session, identity: Identity, reason: str) -> bool:
     """Record the event as refused for good, with ``reason``; whether this was its first
     outcome (otherwise an earlier delivery's stands)."""
-    inserted = session.execute(
-        _insert(session)
-        .values(
-            source=identity.source,
-            id=identity.id,
-            type=identity.type,
-            outcome="rejected",
-            reason=reason[:MAX_REASON],
-            handled_at=utcnow(),
-        )
-        .on_conflict_do_nothing(index_elements=["source", "id"])
-        .returning(HandledEvent.id)
-    ).first()
-    return inserted is not None
+    return _record(session, identity, "rejected", reason[:MAX_REASON])
 
 
 def outcome(session: Session, identity: Identity) -> HandledEvent | None:
@@ -139,6 +115,20 @@ def purge_expired(session: Session) -> int:
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def _insert(session: Session) -> Any:
+def _record(session: Session, identity: Identity, outcome: str, reason: str | None = None) -> bool:
+    """Insert the event's outcome unless one is recorded; whether it was inserted."""
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    return dialect.insert(HandledEvent)
+    inserted = session.execute(
+        dialect.insert(HandledEvent)
+        .values(
+            source=identity.source,
+            id=identity.id,
+            type=identity.type,
+            outcome=outcome,
+            reason=reason,
+            handled_at=utcnow(),
+        )
+        .on_conflict_do_nothing(index_elements=["source", "id"])
+        .returning(HandledEvent.id)
+    ).first()
+    return inserted is not None

@@ -38,6 +38,16 @@ def wait_for(condition: Callable[[], bool], seconds: float) -> None:
         time.sleep(0.05)
 
 
+def listening(process: subprocess.Popen[bytes], port: int) -> bool:
+    """Whether a served process accepts connections on ``port``; it must still be running."""
+    assert process.poll() is None
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
 class ServedProbe:
     """The probe app served by functions-framework in its own process, to be killed or frozen."""
 
@@ -53,15 +63,7 @@ class ServedProbe:
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # gunicorn's master and its worker form one process group
         )  # fmt: skip
-        wait_for(self._listening, 30)
-
-    def _listening(self) -> bool:
-        assert self.process.poll() is None
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return True
-        except OSError:
-            return False
+        wait_for(lambda: listening(self.process, self.port), 30)
 
     def post_in_background(self, path: str) -> None:
         def send() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -32,10 +31,10 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 
 from db.migrate import upgrade
-from dev.postgres import PostgresServer, free_port
+from dev.postgres import PostgresServer, add_users, free_port
 from dev.pubsub import PubSubEmulator
 from tests.conftest import MAIN, ROOT
-from tests.serving import wait_for
+from tests.serving import listening, wait_for
 
 TOPIC = "transfer-requests"
 USERS = 10
@@ -56,15 +55,7 @@ class ServedFunction:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        wait_for(self._listening, 30)
-
-    def _listening(self) -> bool:
-        assert self.process.poll() is None
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return True
-        except OSError:
-            return False
+        wait_for(lambda: listening(self.process, self.port), 30)
 
     def post(self, path: str, body: bytes) -> int:
         request = urllib.request.Request(
@@ -169,15 +160,7 @@ def server() -> Iterator[PostgresServer]:
     own.start()
     engine = create_engine(own.create_database("app"))
     upgrade(engine)
-    with engine.begin() as connection:
-        for n in range(1, USERS + 1):
-            connection.execute(
-                text(
-                    "INSERT INTO users (name, email, balance, created_at, updated_at)"
-                    " VALUES (:name, :email, :balance, now(), now())"
-                ),
-                {"name": f"U{n}", "email": f"u{n}@x.io", "balance": START_BALANCE},
-            )
+    add_users(engine, USERS, START_BALANCE)
     engine.dispose()
     yield own
     own.destroy()
