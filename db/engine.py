@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, orm
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 
 from db import driver
 from db.config import Settings
@@ -177,8 +178,27 @@ def _note_lost_connection(_dbapi: Any, _record: Any, exception: BaseException | 
         outages.failure(f"a connection was lost ({describe(exception)})")
 
 
+class IdleFirstPool(QueuePool):
+    """A ``QueuePool`` whose queue holds only entries with an open connection.
+
+    SQLAlchemy puts an entry back in the queue after its connection was lost, invalidated or
+    refused, with no connection in it, and checkouts take the queue in order: an instance
+    holding idle connections would try to open a new one about every other request, and on
+    a server at its connection limit answer 503 while connections sat idle. Here such an
+    entry is dropped instead, freeing its place: a new connection is opened only when no
+    idle one is left.
+    """
+
+    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        if record.dbapi_connection is None:
+            self._dec_overflow()
+            return
+        super()._do_return_conn(record)
+
+
 def _pool_arguments(settings: Settings) -> dict[str, Any]:
     return {
+        "poolclass": IdleFirstPool,
         "pool_size": settings.pool_size,
         "max_overflow": settings.max_overflow,
         "pool_timeout": settings.pool_timeout,

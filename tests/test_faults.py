@@ -430,3 +430,67 @@ def test_an_instance_serves_again_once_a_full_server_frees_connections(
     assert max(seconds for _, _, seconds in full) < 1 + 1  # DB_POOL_TIMEOUT, plus slack
     assert freed == [200] * 40
     assert time.monotonic() - started < 5
+
+
+@pytest.fixture(scope="module")
+def twelve_slot_server() -> Iterator[PostgresServer]:
+    """A server that takes 12 connections at most."""
+    server = _migrated_server(max_connections=12)
+    yield server
+    server.destroy()
+
+
+def test_instances_at_the_connection_limit_serve_from_the_connections_they_hold(
+    twelve_slot_server: PostgresServer,
+    instances: Callable[..., Instance],
+    monkeypatch: pytest.MonkeyPatch,
+    variant: str,
+) -> None:
+    """Two instances on a full server, each holding 4 idle connections and 4 pool entries whose
+    connections were lost: 10 sequential reads each are all served from the 4, and no new
+    connection is tried while one sits idle. One more read than connections waits, then a quick
+    503."""
+    crowded_server = twelve_slot_server
+    url = crowded_server.url("app")
+    monkeypatch.setenv("DATABASE_URL", url.render_as_string(hide_password=False))
+    monkeypatch.setenv("DB_POOL_SIZE", "8")
+    monkeypatch.setenv("DB_POOL_TIMEOUT", "1")
+    for name, value in _untuned(variant).items():
+        monkeypatch.setenv(name, value)
+    fleet = [instances(), instances()]
+    email = f"{variant}-limit@x.io"
+    user = fleet[0].client.post("/users", json={"name": "A", "email": email}).json["id"]
+    for instance in fleet:
+        entries = [instance.database.engine.pool.connect() for _ in range(8)]
+        for lost in entries[:4]:
+            lost.invalidate()  # as a dropped connection is: its entry goes back empty
+        for kept in entries[4:]:
+            kept.close()
+    others: list[pg8000.dbapi.Connection] = []
+    with contextlib.suppress(pg8000.dbapi.DatabaseError):
+        while len(others) < 20:  # the server at its limit: any new connection is refused
+            others.append(
+                pg8000.dbapi.connect(user="postgres", password=PASSWORD, host="127.0.0.1",
+                                     port=crowded_server.port, database="app")
+            )  # fmt: skip
+
+    try:
+        reads: dict[int, list[int]] = {}
+        for number, instance in enumerate(fleet):
+            reads[number] = []
+            for _ in range(10):
+                reads[number].append(instance.client.get(f"/users/{user}").status_code)
+                time.sleep(0.1)
+        began = time.perf_counter()
+        with ThreadPoolExecutor(5) as threads:
+            crowd = list(threads.map(lambda _: fleet[0].client.get(f"/users/{user}"), range(5)))
+        crowded = time.perf_counter() - began
+    finally:
+        for connection in others:
+            connection.close()
+
+    assert reads == {0: [200] * 10, 1: [200] * 10}
+    held = [instance.database.engine.pool.checkedin() for instance in fleet]  # type: ignore[attr-defined]
+    assert held == [4, 4]
+    assert sorted(answer.status_code for answer in crowd)[:4] == [200] * 4
+    assert crowded < 1 + 1  # DB_POOL_TIMEOUT, plus slack: nothing hangs
