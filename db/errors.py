@@ -111,7 +111,7 @@ def classify(error: BaseException) -> Failure:
     if lost_connection(error):
         return Failure.UNAVAILABLE
     if not isinstance(error, sa_exc.DBAPIError):
-        return Failure.OTHER
+        return _google_api_failure(error)
     code = sqlstate(error)
     if code in ("40001", "40P01"):
         return Failure.TRANSIENT
@@ -132,6 +132,17 @@ def classify(error: BaseException) -> Failure:
     if code is None and isinstance(error, sa_exc.InterfaceError | sa_exc.OperationalError):
         return Failure.UNAVAILABLE  # pg8000 could not reach the server at all
     return Failure.OTHER
+
+
+def _google_api_failure(error: BaseException) -> Failure:
+    """Sort what the Cloud SQL connector raises when Google's APIs (the Admin API, the metadata
+    server's tokens) refuse it or cannot be reached; it uses aiohttp, not imported here."""
+    if not type(error).__module__.startswith("aiohttp"):
+        return Failure.OTHER
+    status = getattr(error, "status", None)
+    if status in (401, 403, 404):  # the account lacks a role, or the instance's name is wrong
+        return Failure.REFUSED
+    return Failure.UNAVAILABLE  # a 5xx or 429, a time-out, a connection refused
 
 
 # The server ends the session with one of these, or the network drops it: the connection is gone.

@@ -8,6 +8,7 @@ test PostgreSQL. The connector fetches, refreshes and presents its certificates 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -166,6 +167,39 @@ def test_an_expiring_certificate_is_refreshed_without_a_failed_request(
     first, second = cloud_sql.admin.issued
     assert second.not_after > first.not_after
     assert cloud_sql.proxy.tunnels[-1].serial == second.serial
+
+
+def test_the_connectors_own_lines_reach_the_log(
+    cloud_sql: CloudSql,
+    instances: Callable[..., Instance],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A refused certificate request: a 500 with one ERROR line naming the refusal, and the
+    connector's own line about its failed refresh reaches the output as a JSON line like the
+    service's, though google-auth's token request came first (google-auth cuts an unconfigured
+    "google" logger off from the root's handler)."""
+    monkeypatch.setenv("LOG_LEVEL", "DEBUG")
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    client = instances().client
+    capsys.readouterr()
+    cloud_sql.admin.refuse_certificates = True
+    try:
+        refused = client.get("/healthz")
+    finally:
+        cloud_sql.admin.refuse_certificates = False
+
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert refused.status_code == 500  # a missing role: retrying will not help
+    [refusal] = [line for line in lines if line["severity"] == "ERROR"]
+    assert "refuses this service (ClientResponseError: 403" in refusal["message"]
+    refresh = [
+        line for line in lines
+        if line["logger"].startswith("google.cloud.sql.connector")
+        and "refresh operation failed" in line["message"]
+    ]  # fmt: skip
+    assert refresh, sorted({line["logger"] for line in lines})
+    assert {"severity", "time", "message"} <= set(refresh[0])
 
 
 def test_iam_authentication_logs_in_as_the_service_account(

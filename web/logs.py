@@ -171,3 +171,11 @@ def configure_logging() -> None:
     root.setLevel(level)
     # Alembic narrates every migration step at INFO; its warnings still show.
     logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
+    # google-auth cuts the "google" loggers off from the root's handler at its first request
+    # unless that logger was configured here (google/auth/_helpers.py): configure it, so that
+    # google-auth's warnings and errors, and the Cloud SQL connector's lines at LOG_LEVEL,
+    # reach the log. google-auth's own DEBUG lines narrate HTTP requests: kept out.
+    google = logging.getLogger("google")
+    google.setLevel(max(logging.WARNING, root.level))
+    google.propagate = True  # turned off by google-auth if it decided before this ran
+    logging.getLogger("google.cloud.sql.connector").setLevel(root.level)

@@ -184,6 +184,7 @@ class AdminApi(JsonServer):
         self.server_ca = Authority("Google Cloud SQL Server CA (stand-in)")
         self.client_ca = Authority("Google Cloud SQL Client CA (stand-in)")
         self.certificate_lifetime = datetime.timedelta(hours=1)
+        self.refuse_certificates = False  # as when the account lost roles/cloudsql.client
         self.issued: list[Issued] = []
         base = rf"/sql/v1beta4/projects/{self.project}/instances/{self.instance}"
         self.route("GET", base + "/connectSettings", self._connect_settings)
@@ -209,6 +210,8 @@ class AdminApi(JsonServer):
         })  # fmt: skip
 
     def _ephemeral_certificate(self, request: Received, match: re.Match[str]) -> Answer:
+        if self.refuse_certificates:
+            return self._forbidden()
         if self.oauth.holder(request.headers.get("authorization"), ADMIN_SCOPE) is None:
             return self._forbidden()
         body = request.json()
