@@ -4,7 +4,7 @@
 # Usage: ./deploy.sh [--dry-run] [--migrate] [--allow-unauthenticated] [FUNCTION ...]
 #   FUNCTION               an entry point of main.py (default: every function in FUNCTIONS)
 #   --dry-run              print every command, run none
-#   --migrate              first run `python -m db upgrade` from here, with the functions' settings
+#   --migrate              first run `python -m db upgrade` from here, as the schema's owner
 #   --allow-unauthenticated  let anyone call the functions (default: IAM callers only)
 #
 # The functions are main.py's entry points: each `@functions_framework.http` function at its
@@ -22,6 +22,10 @@
 #                                       unless DB_IAM_AUTH=true
 # or, to any address (a connection pooler, Managed Connection Pooling's port 6432):
 #   DATABASE_URL_SECRET                 Secret Manager secret holding the whole DATABASE_URL
+# and, for --migrate, the schema's owner (the functions' user only has the runtime role):
+#   DB_OWNER, DB_OWNER_PASS_SECRET      the owner's database user and its password's secret, or
+#   DB_OWNER_IAM_AUTH=true              DB_OWNER is your own IAM database user (gcloud's login)
+#   MIGRATION_DATABASE_URL_SECRET       with DATABASE_URL_SECRET: the owner's whole DATABASE_URL
 # and optionally:
 #   FUNCTIONS="(every entry point)"     the functions that share the database's connections
 #   DB_IAM_AUTH=false  DB_IP_TYPE=PUBLIC  CONCURRENCY=8  DB_MAX_OVERFLOW=0  CPU=1  MEMORY=512Mi
@@ -127,7 +131,8 @@ DATABASE_URL_SECRET=${DATABASE_URL_SECRET:-}
 INSTANCE_CONNECTION_NAME=${INSTANCE_CONNECTION_NAME:-}
 if [[ -n "$DATABASE_URL_SECRET" ]]; then
   mode=url
-  for name in INSTANCE_CONNECTION_NAME DB_NAME DB_USER DB_PASS_SECRET DB_IAM_AUTH DB_IP_TYPE; do
+  for name in INSTANCE_CONNECTION_NAME DB_NAME DB_USER DB_PASS_SECRET DB_IAM_AUTH DB_IP_TYPE \
+    DB_OWNER DB_OWNER_PASS_SECRET DB_OWNER_IAM_AUTH; do
     [[ -z "${!name:-}" ]] || problems+=("$name has no use with DATABASE_URL_SECRET; set one or the other")
   done
 else
@@ -151,6 +156,10 @@ LOG_LEVEL=${LOG_LEVEL:-INFO}
 DB_MAX_CONNECTIONS=${DB_MAX_CONNECTIONS:-100}
 DB_RESERVED_CONNECTIONS=${DB_RESERVED_CONNECTIONS:-10}
 DB_PASS_SECRET=${DB_PASS_SECRET:-}
+DB_OWNER=${DB_OWNER:-}
+DB_OWNER_PASS_SECRET=${DB_OWNER_PASS_SECRET:-}
+DB_OWNER_IAM_AUTH=${DB_OWNER_IAM_AUTH:-false}
+MIGRATION_DATABASE_URL_SECRET=${MIGRATION_DATABASE_URL_SECRET:-}
 VPC_CONNECTOR=${VPC_CONNECTOR:-}
 BUILD_SERVICE_ACCOUNT=${BUILD_SERVICE_ACCOUNT:-}
 TRIGGER_SERVICE_ACCOUNT=${TRIGGER_SERVICE_ACCOUNT:-${SERVICE_ACCOUNT:-}}
@@ -194,6 +203,20 @@ case "$mode:$DB_IAM_AUTH" in
     ;;
   *) problems+=("DB_IAM_AUTH must be true or false, got '$DB_IAM_AUTH'") ;;
 esac
+if $migrate && [[ $mode == url ]]; then
+  [[ -n "$MIGRATION_DATABASE_URL_SECRET" ]] || problems+=("--migrate needs MIGRATION_DATABASE_URL_SECRET: the schema owner's DATABASE_URL, not the functions'")
+elif $migrate; then
+  if [[ -z "$DB_OWNER" ]]; then
+    problems+=("--migrate needs DB_OWNER: the database user that owns the schema, not the functions' DB_USER")
+  elif [[ "$DB_OWNER" == "${DB_USER:-}" ]]; then
+    problems+=("DB_OWNER must not be DB_USER: the functions must not own the tables they serve")
+  fi
+  case "$DB_OWNER_IAM_AUTH" in
+    true) [[ -z "$DB_OWNER_PASS_SECRET" ]] || problems+=("DB_OWNER_PASS_SECRET must not be set when DB_OWNER_IAM_AUTH=true") ;;
+    false) [[ -n "$DB_OWNER_PASS_SECRET" ]] || problems+=("--migrate needs DB_OWNER_PASS_SECRET (or DB_OWNER_IAM_AUTH=true)") ;;
+    *) problems+=("DB_OWNER_IAM_AUTH must be true or false, got '$DB_OWNER_IAM_AUTH'") ;;
+  esac
+fi
 case "$DB_IP_TYPE" in
   PUBLIC) ;;
   PRIVATE | PSC)
@@ -318,9 +341,16 @@ if [[ "$DATABASE_URL_SECRET" == *:* ]]; then
   url_secret_version=${DATABASE_URL_SECRET#*:}
 fi
 
+# A secret NAME or NAME:VERSION, as gcloud's command that prints its value.
+secret_access() {
+  local version=latest
+  [[ "$1" != *:* ]] || version=${1#*:}
+  fetch=(gcloud secrets versions access "$version" --secret="${1%%:*}" --project="$PROJECT_ID")
+}
+
 if $migrate && [[ $mode == url ]]; then
-  echo "migrating the schema at the DATABASE_URL kept in Secret Manager"
-  fetch=(gcloud secrets versions access "$url_secret_version" --secret="$url_secret_name" --project="$PROJECT_ID")
+  echo "migrating the schema as its owner, at the DATABASE_URL kept in Secret Manager"
+  secret_access "$MIGRATION_DATABASE_URL_SECRET"
   show "${fetch[@]}"
   show "$python" -m db upgrade
   if ! $dry_run; then
@@ -330,11 +360,11 @@ if $migrate && [[ $mode == url ]]; then
     unset database_url
   fi
 elif $migrate; then
-  echo "migrating the schema through the Cloud SQL connector"
-  migration_env=(INSTANCE_CONNECTION_NAME="$INSTANCE_CONNECTION_NAME" DB_USER="$DB_USER"
-    DB_NAME="$DB_NAME" DB_IP_TYPE="$DB_IP_TYPE" DB_IAM_AUTH="$DB_IAM_AUTH")
-  if [[ "$DB_IAM_AUTH" == false ]]; then
-    fetch=(gcloud secrets versions access "$secret_version" --secret="$secret_name" --project="$PROJECT_ID")
+  echo "migrating the schema as its owner $DB_OWNER, through the Cloud SQL connector"
+  migration_env=(INSTANCE_CONNECTION_NAME="$INSTANCE_CONNECTION_NAME" DB_USER="$DB_OWNER"
+    DB_NAME="$DB_NAME" DB_IP_TYPE="$DB_IP_TYPE" DB_IAM_AUTH="$DB_OWNER_IAM_AUTH")
+  if [[ "$DB_OWNER_IAM_AUTH" == false ]]; then
+    secret_access "$DB_OWNER_PASS_SECRET"
     show "${fetch[@]}"
     if ! $dry_run; then
       # Captured, never printed: it reaches only the migration's environment.

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         with _database_for(args.command, settings) as database:
             config = alembic_config(database.engine)
+            config.attributes["grant"] = args.command in ("upgrade", "downgrade")
             if args.command == "upgrade":
                 command.upgrade(config, args.revision)
             elif args.command == "downgrade":

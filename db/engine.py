@@ -189,6 +189,9 @@ class IdleFirstPool(QueuePool):
     idle one is left.
     """
 
+    # Log as SQLAlchemy's own pool does, under the logger it keeps at WARNING.
+    _sqla_logger_namespace = "sqlalchemy.pool.impl.QueuePool"
+
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         if record.dbapi_connection is None:
             self._dec_overflow()

@@ -20,5 +20,8 @@ def alembic_config(engine: Engine | None = None) -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema of ``engine``'s database up to ``revision``."""
-    command.upgrade(alembic_config(engine), revision)
+    """Bring the schema of ``engine``'s database up to ``revision``, and give the runtime role
+    its privileges on every table (``db/roles.py``)."""
+    config = alembic_config(engine)
+    config.attributes["grant"] = True
+    command.upgrade(config, revision)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import URL
 
-from dev.postgres import PASSWORD, PostgresServer, free_port
+from dev.postgres import PASSWORD, RUNTIME_PASSWORD, RUNTIME_USER, PostgresServer, free_port
 
 
 def _binary() -> str:
@@ -42,7 +42,9 @@ class PgBouncer:
         self.config = self.root / "pgbouncer.ini"
         self.log = self.root / "pgbouncer.log"
         self.pidfile = self.root / "pgbouncer.pid"
-        (self.root / "userlist.txt").write_text(f'"postgres" "{PASSWORD}"\n')
+        (self.root / "userlist.txt").write_text(
+            f'"postgres" "{PASSWORD}"\n"{RUNTIME_USER}" "{RUNTIME_PASSWORD}"\n'
+        )
         self.config.write_text(
             "[databases]\n"
             f"* = host=127.0.0.1 port={server.port}\n"
@@ -66,6 +68,10 @@ class PgBouncer:
 
     def url(self, database: str = "postgres") -> URL:
         return self.server.url(database).set(port=self.port)
+
+    def runtime_url(self, database: str = "app") -> URL:
+        """``database`` through the pooler as the functions' login user."""
+        return self.server.runtime_url(database).set(port=self.port)
 
     def start(self) -> PgBouncer:
         command = [_binary(), "-d", str(self.config)]

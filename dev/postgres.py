@@ -7,8 +7,9 @@ server runs as the ``postgres`` system user (created when missing). Password
 authentication is SCRAM, as on Cloud SQL.
 
 ``python -m dev.postgres [--data DIR] -- COMMAND ...`` starts a server, creates and
-migrates its ``app`` database, runs COMMAND with ``DATABASE_URL`` set, and stops the
-server when COMMAND ends.
+migrates its ``app`` database (as its owner), runs COMMAND with ``DATABASE_URL`` set to the
+functions' login user, which has only the runtime role's privileges, and stops the server
+when COMMAND ends.
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
+from db.roles import add_runtime_user, runtime_role
+
 PASSWORD = "test-only-password-7f3a"
+# The login user the functions run as: a member of the runtime role, nothing more (db/roles.py).
+RUNTIME_USER = "functions"
+RUNTIME_PASSWORD = "test-only-runtime-password-c41d"
 
 
 def _bindir() -> Path:
@@ -87,6 +93,19 @@ class PostgresServer:
             port=self.port,
             database=database,
         )
+
+    def runtime_url(self, database: str = "app") -> URL:
+        """``url(database)`` as the functions' login user, which only the runtime role's
+        privileges reach (``add_runtime_user`` creates it)."""
+        return self.url(database).set(username=RUNTIME_USER, password=RUNTIME_PASSWORD)
+
+    def add_runtime_user(self, database: str = "app") -> URL:
+        """Create the functions' login user, a member of the runtime role; its URL."""
+        engine = create_engine(self.url(database), poolclass=NullPool)
+        with engine.begin() as connection:
+            add_runtime_user(connection, RUNTIME_USER, RUNTIME_PASSWORD, runtime_role())
+        engine.dispose()
+        return self.runtime_url(database)
 
     def init(self) -> None:
         """Create the database cluster, with the password for ``postgres``."""
@@ -222,9 +241,15 @@ def main(argv: list[str] | None = None) -> int:
         server.init()
     server.start()
     try:
-        url = server.create_database("app").render_as_string(hide_password=False)
+        owner = server.create_database("app").render_as_string(hide_password=False)
+        subprocess.run(
+            [sys.executable, "-m", "db", "upgrade"],
+            env={**os.environ, "DATABASE_URL": owner},
+            check=True,
+        )
+        # The command runs as the functions do: through the runtime role only.
+        url = server.add_runtime_user("app").render_as_string(hide_password=False)
         env = {**os.environ, "DATABASE_URL": url}
-        subprocess.run([sys.executable, "-m", "db", "upgrade"], env=env, check=True)
         print(f"PostgreSQL {server.port} on 127.0.0.1, database app, files in {server.root}")
         child = subprocess.Popen(args.command, env=env)
         # Stopping this process stops the command first, then the server (below).

@@ -20,7 +20,7 @@ from db.engine import Database
 from db.migrate import upgrade
 from db.outage import outages
 from dev.pgbouncer import PgBouncer
-from dev.postgres import PostgresServer
+from dev.postgres import RUNTIME_PASSWORD, RUNTIME_USER, PostgresServer
 from tests.deploying import Deploy, start_deploy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,10 +100,11 @@ def database_url(postgres: PostgresServer) -> URL:
     admin.dispose()
     url = postgres.url("app")
     engine = create_engine(url, poolclass=NullPool)
-    upgrade(engine)
     with engine.begin() as connection:
         connection.exec_driver_sql(COMMIT_PROBE_DDL)
+    upgrade(engine)  # after the probe table, so that the runtime role may use it too
     engine.dispose()
+    postgres.add_runtime_user("app")
     return url
 
 
@@ -138,9 +139,10 @@ def pg(
                  " AND tablename <> 'alembic_version'")
         ).all()  # fmt: skip
         connection.exec_driver_sql(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
-    url = database_url
+    # Instances log in as the functions do: with the runtime role's privileges only.
+    url = database_url.set(username=RUNTIME_USER, password=RUNTIME_PASSWORD)
     if variant == "pgbouncer":
-        url = request.getfixturevalue("pgbouncer").url(database_url.database)
+        url = request.getfixturevalue("pgbouncer").runtime_url(database_url.database)
     if variant == "untuned":
         monkeypatch.setenv("DB_DRIVER_TUNING", "false")
     monkeypatch.setenv("DATABASE_URL", url.render_as_string(hide_password=False))

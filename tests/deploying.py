@@ -26,6 +26,7 @@ needs_gcloud = pytest.mark.skipif(
 )
 PASSWORD_IN_SHELL = "hunter2-from-the-deployers-shell"
 SECRET_IN_SECRET_MANAGER = "the-password-in-secret-manager"
+OWNER_SECRET_IN_SECRET_MANAGER = "the-owners-password-in-secret-manager"
 SETTINGS = {
     "PROJECT_ID": "acme-prod",
     "REGION": "europe-west1",
@@ -34,6 +35,8 @@ SETTINGS = {
     "DB_USER": "app",
     "SERVICE_ACCOUNT": "functions@acme-prod.iam.gserviceaccount.com",
     "DB_PASS_SECRET": "db-pass",
+    "DB_OWNER": "owner",  # for --migrate: the schema's owner
+    "DB_OWNER_PASS_SECRET": "db-owner-pass",
 }
 RUNTIME_TOP_LEVEL = ("main.py", "requirements.txt", "db", "service", "web")
 RUNTIME_DOCUMENTS = ("docs/openapi.yaml",)  # served by the api function
@@ -124,7 +127,12 @@ class Deploy:
 
 def start_deploy(folder: Path) -> Deploy:
     """A stand-in project with no function, and deploy.sh in a fresh copy of this one."""
-    api = FunctionsApi(secrets={"db-pass": SECRET_IN_SECRET_MANAGER}).start()
+    api = FunctionsApi(
+        secrets={
+            "db-pass": SECRET_IN_SECRET_MANAGER,
+            "db-owner-pass": OWNER_SECRET_IN_SECRET_MANAGER,
+        }
+    ).start()
     tracked = copy_of_the_project(folder / "project", clutter=LOCAL_CLUTTER)
     (folder / "home").mkdir()
     return Deploy(folder / "project", tracked, api, folder / "home")

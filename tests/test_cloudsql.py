@@ -29,7 +29,7 @@ from sqlalchemy.pool import NullPool
 
 from dev.postgres import PASSWORD, PostgresServer, free_port
 from tests.conftest import PROBE, ROOT, Instance
-from tests.deploying import SECRET_IN_SECRET_MANAGER, Deploy, needs_gcloud
+from tests.deploying import OWNER_SECRET_IN_SECRET_MANAGER, Deploy, needs_gcloud
 from tests.google.cloudsql import CloudSql
 
 INSTANCE = "acme-prod:europe-west1:main"
@@ -308,20 +308,25 @@ def test_no_connector_without_instance_connection_name(
 def test_migrate_reads_the_password_from_secret_manager_and_migrates_through_the_connector(
     cloud_sql_stand_in: CloudSql, deploy: Deploy, postgres: PostgresServer
 ) -> None:
-    """deploy.sh --migrate: the real gcloud reads the secret, the real connector migrates an
-    empty database, then the functions deploy."""
+    """deploy.sh --migrate: the real gcloud reads the owner's secret, the real connector
+    migrates an empty database as the owner, then the functions deploy with their own."""
     admin = create_engine(postgres.url(), poolclass=NullPool, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.exec_driver_sql("DROP DATABASE IF EXISTS deployed")
         connection.exec_driver_sql("DROP ROLE IF EXISTS deployer")
         connection.exec_driver_sql(
-            f"CREATE ROLE deployer LOGIN PASSWORD '{SECRET_IN_SECRET_MANAGER}'"
+            f"CREATE ROLE deployer LOGIN PASSWORD '{OWNER_SECRET_IN_SECRET_MANAGER}'"
         )
         connection.exec_driver_sql("CREATE DATABASE deployed OWNER deployer")
+        # The one-time setup of docs/deploying.md: the owner may not create roles.
+        connection.exec_driver_sql(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app_runtime')"
+            " THEN CREATE ROLE app_runtime NOLOGIN; END IF; END $$"
+        )
     admin.dispose()
 
     result = deploy(
-        "--migrate", "health", DB_NAME="deployed", DB_USER="deployer", FUNCTIONS="health",
+        "--migrate", "health", DB_NAME="deployed", DB_OWNER="deployer", FUNCTIONS="health",
         **cloud_sql_stand_in.environment(),
     )  # fmt: skip
 
@@ -329,5 +334,7 @@ def test_migrate_reads_the_password_from_secret_manager_and_migrates_through_the
     migrated = create_engine(postgres.url("deployed"), poolclass=NullPool)
     assert {"users", "items", "transfers"} <= set(inspect(migrated).get_table_names())
     migrated.dispose()
-    assert SECRET_IN_SECRET_MANAGER not in result.stdout + result.stderr
+    assert OWNER_SECRET_IN_SECRET_MANAGER not in result.stdout + result.stderr
     assert list(deploy.api.functions) == ["health"]
+    [secret] = deploy.function("health")["serviceConfig"]["secretEnvironmentVariables"]
+    assert (secret["key"], secret["secret"]) == ("DB_PASS", "db-pass")  # never the owner's

@@ -350,7 +350,7 @@ def test_dry_run_prints_every_command_and_sends_nothing(deploy: Deploy) -> None:
     assert deploy.api.received == []
     printed = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
     assert "gcloud functions list" in printed[0]
-    assert "gcloud secrets versions access latest --secret=db-pass" in printed[1]
+    assert "gcloud secrets versions access latest --secret=db-owner-pass" in printed[1]
     assert printed[2].endswith("-m db upgrade")
     assert [line.split()[4] for line in printed[3:]] == entry_points()
 
@@ -377,6 +377,13 @@ def test_dry_run_prints_every_command_and_sends_nothing(deploy: Deploy) -> None:
         ({"FUNCTIONS": "api,api"}, "FUNCTIONS names 'api' twice"),
         ({"DATABASE_URL_SECRET": "db-url"}, "INSTANCE_CONNECTION_NAME has no use with"),
         ({"INSTANCE_CONNECTION_NAME": None}, "INSTANCE_CONNECTION_NAME is not set"),
+        ({"DB_OWNER": None}, "--migrate needs DB_OWNER"),
+        ({"DB_OWNER": "app"}, "DB_OWNER must not be DB_USER"),
+        ({"DB_OWNER_PASS_SECRET": None}, "--migrate needs DB_OWNER_PASS_SECRET"),
+        ({"DB_OWNER_IAM_AUTH": "true"}, "DB_OWNER_PASS_SECRET must not be set"),
+        ({"DATABASE_URL_SECRET": "db-url", "INSTANCE_CONNECTION_NAME": None, "DB_NAME": None,
+          "DB_USER": None, "DB_PASS_SECRET": None, "DB_OWNER": None,
+          "DB_OWNER_PASS_SECRET": None}, "--migrate needs MIGRATION_DATABASE_URL_SECRET"),
     ],
 )  # fmt: skip
 def test_bad_settings_stop_before_any_request(
@@ -432,6 +439,8 @@ POOLER = {
     "DB_NAME": None,
     "DB_USER": None,
     "DB_PASS_SECRET": None,
+    "DB_OWNER": None,
+    "DB_OWNER_PASS_SECRET": None,
 }
 
 
@@ -461,14 +470,21 @@ def test_a_database_url_from_secret_manager_replaces_the_connector_settings(
 def test_migrate_reads_the_database_url_from_secret_manager(
     deploy: Deploy, postgres: PostgresServer, pgbouncer: PgBouncer
 ) -> None:
-    """--migrate with DATABASE_URL_SECRET: the real gcloud reads the URL, here PgBouncer's, and
-    the migration runs through it before the deploy."""
+    """--migrate with DATABASE_URL_SECRET: the real gcloud reads the owner's URL, here through
+    PgBouncer, and the migration runs through it before the deploy; the functions get only
+    their own URL's secret."""
     url = _empty_database(postgres, "pooled").set(port=pgbouncer.port)
-    deploy.api.secrets["db-url"] = url.render_as_string(hide_password=False)
+    deploy.api.secrets["db-owner-url"] = url.render_as_string(hide_password=False)
+    deploy.api.secrets["db-url"] = "postgresql+pg8000://functions:never-read@pooler:6432/pooled"
 
-    result = deploy("--migrate", "health", FUNCTIONS="health", **POOLER)
+    result = deploy(
+        "--migrate", "health", FUNCTIONS="health",
+        MIGRATION_DATABASE_URL_SECRET="db-owner-url", **POOLER,  # noqa: S106  # a secret's name
+    )  # fmt: skip
 
     assert result.returncode == 0, result.stderr[-3000:]
+    [secret] = deploy.function("health")["serviceConfig"]["secretEnvironmentVariables"]
+    assert (secret["key"], secret["secret"]) == ("DATABASE_URL", "db-url")
     migrated = create_engine(postgres.url("pooled"), poolclass=NullPool)
     assert {"users", "items", "transfers"} <= set(inspect(migrated).get_table_names())
     migrated.dispose()

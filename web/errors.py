@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from db.errors import Failure, classify
+from db.errors import Failure, classify, sqlstate
 from db.outage import describe, outages
 from service.errors import (
     Conflict,
@@ -102,6 +102,14 @@ def error_reply(error: BaseException) -> Reply:
             "models: write the migration (python -m db revision) and apply it (python -m db "
             "upgrade)",
             exc_info=error,
+        )
+        return _reply(500, "internal", "internal error")
+    if failure is Failure.REFUSED and sqlstate(error) == "42501":
+        log.error(
+            "the database user lacks a privilege (%s): the runtime role is given its privileges"
+            " by python -m db upgrade (db/roles.py); run it, and check that the functions' user"
+            " is a member of the runtime role",
+            describe(error),
         )
         return _reply(500, "internal", "internal error")
     if failure is Failure.REFUSED:

@@ -9,6 +9,7 @@ from alembic.autogenerate.api import AutogenContext
 
 from db import types
 from db.models import Base
+from db.roles import grant_runtime, runtime_role
 
 engine = context.config.attributes["engine"]
 
@@ -31,4 +32,7 @@ with engine.connect() as connection:
     )
     with context.begin_transaction():
         context.run_migrations()
+        if connection.dialect.name == "postgresql" and context.config.attributes.get("grant"):
+            # Every table, a new migration's too, gets exactly the runtime role's privileges.
+            grant_runtime(connection, runtime_role())
     connection.commit()
