@@ -381,11 +381,15 @@ fi
 
 env_vars="DB_POOL_SIZE=$CONCURRENCY,DB_MAX_OVERFLOW=$DB_MAX_OVERFLOW,THREADS=$CONCURRENCY"
 env_vars+=",LOG_LEVEL=$LOG_LEVEL,GOOGLE_CLOUD_PROJECT=$PROJECT_ID"
+PASSWORD_FILE=/etc/secrets/db-pass
 if [[ $mode == connector ]]; then
   env_vars="INSTANCE_CONNECTION_NAME=$INSTANCE_CONNECTION_NAME,DB_USER=$DB_USER,DB_NAME=$DB_NAME"
   env_vars+=",DB_IP_TYPE=$DB_IP_TYPE,DB_IAM_AUTH=$DB_IAM_AUTH,DB_POOL_SIZE=$CONCURRENCY"
   env_vars+=",DB_MAX_OVERFLOW=$DB_MAX_OVERFLOW,THREADS=$CONCURRENCY,LOG_LEVEL=$LOG_LEVEL"
   env_vars+=",GOOGLE_CLOUD_PROJECT=$PROJECT_ID"
+  if [[ "$DB_IAM_AUTH" == false ]]; then
+    env_vars+=",DB_PASS_FILE=$PASSWORD_FILE"
+  fi
 fi
 
 for function in "${chosen[@]}"; do
@@ -416,7 +420,8 @@ for function in "${chosen[@]}"; do
   if [[ $mode == url ]]; then
     command+=(--set-secrets="DATABASE_URL=$url_secret_name:$url_secret_version")
   elif [[ "$DB_IAM_AUTH" == false ]]; then
-    command+=(--set-secrets="DB_PASS=$secret_name:$secret_version")
+    # A file, read again at each access: a rotated password needs no redeploy (DB_PASS_FILE).
+    command+=(--set-secrets="$PASSWORD_FILE=$secret_name:$secret_version")
   else
     command+=(--clear-secrets)
   fi

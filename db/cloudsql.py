@@ -16,9 +16,12 @@ from db.config import CloudSqlSettings
 
 
 def connector_creator(
-    settings: CloudSqlSettings, connect_args: dict[str, Any]
+    settings: CloudSqlSettings, connect_args: dict[str, Any], password: Callable[[], str | None]
 ) -> tuple[Callable[[], Any], Connector]:
-    """A pg8000 connection factory for ``create_engine(creator=...)``, and its connector."""
+    """A pg8000 connection factory for ``create_engine(creator=...)``, and its connector.
+
+    ``password()`` is asked at each new connection (``DB_PASS_FILE``), before ``DB_PASS``.
+    """
     ip_type = IPTypes[settings.ip_type]
     # "lazy": refresh certificates on demand, since the CPU is throttled between requests.
     connector = Connector(
@@ -27,11 +30,11 @@ def connector_creator(
         refresh_strategy="lazy",
         sqladmin_api_endpoint=settings.admin_api_endpoint,
     )
-    credentials: dict[str, Any] = {"user": settings.user, "db": settings.database}
-    if not settings.iam_auth:
-        credentials["password"] = settings.password
 
     def connect() -> Any:
+        credentials: dict[str, Any] = {"user": settings.user, "db": settings.database}
+        if not settings.iam_auth:
+            credentials["password"] = password() or settings.password
         return connector.connect(
             settings.instance_connection_name,
             "pg8000",

@@ -1,7 +1,8 @@
 """Settings read from the environment once, lazily, and validated.
 
 Every problem is reported as one ``ConfigError`` line that names the variable.
-Values that may hold a password (``DATABASE_URL``, ``DB_PASS``) are never echoed.
+Values that may hold a password (``DATABASE_URL``, ``DB_PASS``, ``DB_PASS_FILE``'s content)
+are never echoed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from sqlalchemy.engine import URL, make_url
@@ -65,6 +67,12 @@ class Settings:
     log_level: str
     log_format: str
     driver_tuning: bool = True  # db/driver.py; off: pg8000 as installed
+    password_file: str | None = None  # DB_PASS_FILE: read at every new connection
+
+    def password(self) -> str | None:
+        """The password for a new connection: ``DB_PASS_FILE``'s content as it is now, or
+        None (the URL's, or ``DB_PASS``)."""
+        return read_password_file(self.password_file) if self.password_file else None
 
     @property
     def is_embedded(self) -> bool:
@@ -81,7 +89,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if database_url and instance:
         raise ConfigError("set DATABASE_URL or INSTANCE_CONNECTION_NAME, not both")
 
-    cloud_sql = _cloud_sql_settings(env, instance) if instance else None
+    password_file = _password_file(env)
+    cloud_sql = _cloud_sql_settings(env, instance, password_file) if instance else None
     ssl_mode = "prefer"
     if cloud_sql is not None:
         url = URL.create("postgresql+pg8000", database=cloud_sql.database)
@@ -103,6 +112,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         log_level=log_level(raw_environ),
         log_format=log_format(raw_environ),
         driver_tuning=env.boolean("DB_DRIVER_TUNING", default=True),
+        password_file=password_file,
     )
 
 
@@ -164,17 +174,42 @@ def _database_url(raw: str) -> tuple[URL, str]:
     return url.difference_update_query(["sslmode"]), ssl_mode
 
 
-def _cloud_sql_settings(env: _Env, instance: str) -> CloudSqlSettings:
+def read_password_file(path: str) -> str:
+    """The password in ``path``, without a trailing line break; ``ConfigError`` when it cannot
+    be read. Cloud Run reads a mounted secret from Secret Manager at each access, so a rotated
+    password is seen at the next connection."""
+    try:
+        password = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(
+            f"DB_PASS_FILE {path!r} cannot be read ({type(error).__name__})"
+        ) from None
+    if not password:
+        raise ConfigError(f"DB_PASS_FILE {path!r} is empty")
+    return password
+
+
+def _password_file(env: _Env) -> str | None:
+    path = env.get("DB_PASS_FILE")
+    if path is None:
+        return None
+    if env.get("DB_PASS"):
+        raise ConfigError("set DB_PASS or DB_PASS_FILE, not both")
+    read_password_file(path)  # readable now, or the instance does not start
+    return path
+
+
+def _cloud_sql_settings(env: _Env, instance: str, password_file: str | None) -> CloudSqlSettings:
     if not _INSTANCE_CONNECTION_NAME.match(instance):
         raise ConfigError(
             f"INSTANCE_CONNECTION_NAME must look like project:region:instance, got {instance!r}"
         )
     iam_auth = env.boolean("DB_IAM_AUTH", default=False)
     password = env.get("DB_PASS")
-    if iam_auth and password:
-        raise ConfigError("DB_PASS must not be set when DB_IAM_AUTH=true")
-    if not iam_auth and not password:
-        raise ConfigError("DB_PASS is required unless DB_IAM_AUTH=true")
+    if iam_auth and (password or password_file):
+        raise ConfigError("DB_PASS and DB_PASS_FILE must not be set when DB_IAM_AUTH=true")
+    if not iam_auth and not (password or password_file):
+        raise ConfigError("DB_PASS or DB_PASS_FILE is required unless DB_IAM_AUTH=true")
     ip_type = (env.get("DB_IP_TYPE") or "PUBLIC").upper()
     if ip_type not in ("PUBLIC", "PRIVATE", "PSC"):
         raise ConfigError(f"DB_IP_TYPE must be PUBLIC, PRIVATE or PSC, got {ip_type!r}")

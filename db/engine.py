@@ -221,11 +221,17 @@ def _postgresql_engine(settings: Settings) -> tuple[Engine, Any]:
     connector = None
     if settings.cloud_sql is None:
         engine = create_engine(settings.url, connect_args=connect_args, **_pool_arguments(settings))
+        if settings.password_file:
+
+            @event.listens_for(engine, "do_connect")
+            def _password_as_it_is_now(_d: Any, _r: Any, _a: Any, cparams: dict[str, Any]) -> None:
+                cparams["password"] = settings.password()  # a rotated one, at its next connect
+
         event.listen(engine, "do_connect", _TlsNegotiation(settings.ssl_mode).connect)
     else:
         from db.cloudsql import connector_creator  # noqa: PLC0415  # Google's client loads only here
 
-        creator, connector = connector_creator(settings.cloud_sql, connect_args)
+        creator, connector = connector_creator(settings.cloud_sql, connect_args, settings.password)
         engine = create_engine(settings.url, creator=creator, **_pool_arguments(settings))
     _set_timeouts_per_transaction(engine, settings)
     return engine, connector

@@ -48,7 +48,8 @@ def transaction(
     A serialization failure, a deadlock, or a connection lost before COMMIT was
     sent means the server kept nothing, so the whole of ``work`` runs again in a
     new session, up to ``max_attempts`` times with jittered backoff. A connection
-    lost during COMMIT raises ``CommitOutcomeUnknown`` and is not retried.
+    lost during COMMIT raises ``CommitOutcomeUnknown`` and is not retried, unless the
+    transaction was read-only: then there was nothing to lose, and the result stands.
     """
     attempt = 1
     while True:
@@ -77,7 +78,7 @@ def _attempt(database: Database, work: Callable[[Session], T], *, read_only: boo
         session.info["read_only"] = read_only  # db/engine.py opens the transaction so
         result = work(session)
         session.flush()  # failures here are before COMMIT, like any other statement
-        _commit(session)
+        _commit(session, read_only=read_only)
         return result
     except BaseException:
         _roll_back(session)
@@ -86,11 +87,14 @@ def _attempt(database: Database, work: Callable[[Session], T], *, read_only: boo
         session.close()
 
 
-def _commit(session: Session) -> None:
+def _commit(session: Session, *, read_only: bool) -> None:
     try:
         session.commit()
     except (DBAPIError, OSError) as error:
         if lost_connection(error):
+            if read_only:
+                # Nothing was written: what was read stands, and the pool drops the connection.
+                return
             raise CommitOutcomeUnknown("connection lost during COMMIT") from error
         raise
 

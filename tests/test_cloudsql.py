@@ -169,6 +169,32 @@ def test_an_expiring_certificate_is_refreshed_without_a_failed_request(
     assert cloud_sql.proxy.tunnels[-1].serial == second.serial
 
 
+def test_the_connector_reads_the_password_file_at_each_new_connection(
+    cloud_sql: CloudSql,
+    instances: Callable[..., Instance],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    pg: Engine,
+) -> None:
+    """DB_PASS_FILE on the connector path: a wrong password in the file refuses the next new
+    connection (a 500, not a 503); the right one back, the next request is served, with no
+    restart."""
+    secret = tmp_path / "db-pass"
+    secret.write_text(PASSWORD + "\n")
+    monkeypatch.delenv("DB_PASS")
+    monkeypatch.setenv("DB_PASS_FILE", str(secret))
+    client = instances().client
+    assert client.get("/healthz").status_code == 200
+
+    secret.write_text("not-the-password")
+    _terminate(pg)
+    refused = client.get("/healthz").status_code
+    secret.write_text(PASSWORD)
+    served = client.get("/healthz").status_code
+
+    assert (refused, served) == (500, 200)
+
+
 def test_the_connectors_own_lines_reach_the_log(
     cloud_sql: CloudSql,
     instances: Callable[..., Instance],
@@ -336,5 +362,5 @@ def test_migrate_reads_the_password_from_secret_manager_and_migrates_through_the
     migrated.dispose()
     assert OWNER_SECRET_IN_SECRET_MANAGER not in result.stdout + result.stderr
     assert list(deploy.api.functions) == ["health"]
-    [secret] = deploy.function("health")["serviceConfig"]["secretEnvironmentVariables"]
-    assert (secret["key"], secret["secret"]) == ("DB_PASS", "db-pass")  # never the owner's
+    [secret] = deploy.function("health")["serviceConfig"]["secretVolumes"]
+    assert secret["secret"] == "db-pass"  # never the owner's

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -104,6 +105,8 @@ def test_iam_authentication_needs_no_password() -> None:
         ({"DB_STATEMENT_TIMEOUT": "nan"}, "DB_STATEMENT_TIMEOUT"),
         ({"THREADS": "0"}, "THREADS"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"DB_PASS_FILE": "/nonexistent/db-pass"}, "DB_PASS_FILE"),
+        ({**CONNECTOR, "DB_PASS_FILE": "/nonexistent/db-pass"}, "DB_PASS_FILE"),
     ],
 )  # fmt: skip
 def test_bad_value_is_one_line_naming_the_variable_without_secrets(
@@ -116,3 +119,39 @@ def test_bad_value_is_one_line_naming_the_variable_without_secrets(
     assert variable in message
     assert "\n" not in message
     assert SECRET not in message
+
+
+def test_a_password_file_is_read_at_each_use_and_not_kept(tmp_path: Path) -> None:
+    """DB_PASS_FILE replaces DB_PASS; the file's content as it is at each connection counts,
+    without its trailing line break; the settings hold only its path."""
+    secret = tmp_path / "db-pass"
+    secret.write_text(f"{SECRET}\n")
+    environ = {**CONNECTOR, "DB_PASS": "", "DB_PASS_FILE": str(secret)}
+
+    settings = load_settings(environ)
+    first = settings.password()
+    secret.write_text("rotated")
+
+    assert first == SECRET
+    assert settings.password() == "rotated"
+    assert settings.cloud_sql is not None
+    assert settings.cloud_sql.password is None
+    assert SECRET not in repr(settings)
+
+
+def test_a_password_file_and_a_password_are_one_too_many(tmp_path: Path) -> None:
+    """Both set: a ConfigError naming them, never the password."""
+    secret = tmp_path / "db-pass"
+    secret.write_text(SECRET)
+
+    with pytest.raises(ConfigError, match="DB_PASS or DB_PASS_FILE, not both") as raised:
+        load_settings({**CONNECTOR, "DB_PASS_FILE": str(secret)})
+    assert SECRET not in str(raised.value)
+
+
+def test_an_empty_password_file_stops_the_instance(tmp_path: Path) -> None:
+    """An empty file is a mistake in the mount, named at start."""
+    (tmp_path / "db-pass").write_text("\n")
+
+    with pytest.raises(ConfigError, match=r"DB_PASS_FILE .* is empty"):
+        load_settings({"DB_PASS_FILE": str(tmp_path / "db-pass")})

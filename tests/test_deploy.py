@@ -90,13 +90,13 @@ def test_each_function_is_sent_as_configured(full_deploy: Deploy) -> None:
             "THREADS": "8",
             "LOG_LEVEL": "INFO",
             "GOOGLE_CLOUD_PROJECT": "acme-prod",
+            "DB_PASS_FILE": "/etc/secrets/db-pass",
         }
-        [secret] = service["secretEnvironmentVariables"]
-        assert (secret["key"], secret["secret"], secret["version"]) == (
-            "DB_PASS",
-            "db-pass",
-            "latest",
-        )
+        # The password is a mounted file, read again at each access: rotation needs no deploy.
+        assert "secretEnvironmentVariables" not in service
+        [volume] = service["secretVolumes"]
+        assert (volume["mountPath"], volume["secret"]) == ("/etc/secrets", "db-pass")
+        assert volume["versions"] == [{"path": "db-pass", "version": "latest"}]
         assert service["maxInstanceCount"] == 1  # (100 - 10) / 8 / 6, rounded down
         assert service["maxInstanceRequestConcurrency"] == 8
         assert (service["availableCpu"], service["availableMemory"]) == ("1", "512Mi")
@@ -310,14 +310,16 @@ def test_functions_already_deployed_on_the_instance_count_against_the_budget(
 def test_switching_to_iam_authentication_removes_the_password_secret(deploy: Deploy) -> None:
     """A function deployed with DB_PASS from Secret Manager loses the secret under IAM auth."""
     assert deploy("api").returncode == 0
-    assert deploy.function("api")["serviceConfig"]["secretEnvironmentVariables"]
+    assert deploy.function("api")["serviceConfig"]["secretVolumes"]
 
     result = deploy("api", DB_IAM_AUTH="true", DB_PASS_SECRET=None)
 
     assert result.returncode == 0, result.stderr[-3000:]
     service = deploy.function("api")["serviceConfig"]
+    assert "secretVolumes" not in service
     assert "secretEnvironmentVariables" not in service
     assert service["environmentVariables"]["DB_IAM_AUTH"] == "true"
+    assert "DB_PASS_FILE" not in service["environmentVariables"]
 
 
 @needs_gcloud
