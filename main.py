@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 from db.config import startup_settings
 from db.engine import Database
 from service.transfers import create_transfer
-from web import errors, events, http, routes
+from web import events, http, routes
 from web.logs import configure_logging
 from web.transfers import new_transfer
 
@@ -67,9 +67,4 @@ def transfer_events(session: Session, message: events.Message) -> None:
 def framework_error(error: HTTPException) -> flask.Response:
     """Paths the framework answers itself (``/favicon.ico``, ``/robots.txt``) answer JSON too;
     a failed event delivery answers as it was told to."""
-    if error.response is not None:
-        return error.response  # type: ignore[return-value]
-    status = error.code or 500
-    code = "not_found" if status == 404 else "bad_request" if status < 500 else "internal"
-    reply = errors.Reply(status, {"error": {"code": code, "message": error.description or code}})
-    return http.encode(reply, http.new_request_id())
+    return http.framework_error(error)

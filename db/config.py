@@ -68,6 +68,7 @@ class Settings:
     log_format: str
     driver_tuning: bool = True  # db/driver.py; off: pg8000 as installed
     password_file: str | None = None  # DB_PASS_FILE: read at every new connection
+    body_timeout: float = 10.0  # BODY_TIMEOUT: seconds a request's body may take to arrive
 
     def password(self) -> str | None:
         """The password for a new connection: ``DB_PASS_FILE``'s content as it is now, or
@@ -113,6 +114,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         log_format=log_format(raw_environ),
         driver_tuning=env.boolean("DB_DRIVER_TUNING", default=True),
         password_file=password_file,
+        body_timeout=env.seconds("BODY_TIMEOUT", default=10.0),
     )
 
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
 from dev.postgres import free_port
-from tests.conftest import PROBE, ROOT
+from tests.conftest import MAIN, PROBE, ROOT
 
 
 def server_connections(engine: Engine, name: str, state: str | None = None) -> int:
@@ -100,3 +102,46 @@ def row_is_free_and_unchanged(pg: Engine, user: int) -> bool:
         finally:
             connection.rollback()
     return bool(balance == 10)
+
+
+class ServedFunction:
+    """An entry point of main.py served by functions-framework (gunicorn) in its own process."""
+
+    def __init__(self, target: str, env: dict[str, str], folder: Path) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("functions-framework")), f"--target={target}",
+             f"--source={MAIN}", f"--port={self.port}"],
+            cwd=folder,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for(lambda: listening(self.process, self.port), 30)
+
+    def post(self, path: str, body: bytes) -> int:
+        """POST a JSON body; the status, or 502 when the connection failed."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:  # loopback
+                return int(answer.status)
+        except urllib.error.HTTPError as error:
+            error.close()
+            return int(error.getcode() or 0)
+        except OSError:
+            return 502
+
+    def worker_memory(self) -> float:
+        """The resident size of gunicorn's worker process, in MiB."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
+        status = Path(f"/proc/{children.split()[0]}/status").read_text()
+        return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)

@@ -10,14 +10,9 @@ moment. PostgreSQL is restarted in the middle of the run.
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,51 +26,13 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 
 from db.migrate import upgrade
-from dev.postgres import PostgresServer, add_users, free_port
+from dev.postgres import PostgresServer, add_users
 from dev.pubsub import PubSubEmulator
-from tests.conftest import MAIN, ROOT
-from tests.serving import listening, wait_for
+from tests.serving import ServedFunction, wait_for
 
 TOPIC = "transfer-requests"
 USERS = 10
 START_BALANCE = 100
-
-
-class ServedFunction:
-    """``transfer_events`` served by functions-framework (gunicorn, 8 threads) in a process."""
-
-    def __init__(self, database_url: str, folder: Path) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("functions-framework")), "--target=transfer_events",
-             f"--source={MAIN}", f"--port={self.port}"],
-            cwd=folder,
-            env={**os.environ, "DATABASE_URL": database_url, "THREADS": "8",
-                 "DB_POOL_TIMEOUT": "2", "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_for(lambda: listening(self.process, self.port), 30)
-
-    def post(self, path: str, body: bytes) -> int:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}",
-            data=body,
-            method="POST",
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as answer:  # loopback
-                return int(answer.status)
-        except urllib.error.HTTPError as error:
-            error.close()
-            return int(error.getcode() or 0)
-        except OSError:
-            return 502
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
 
 
 @dataclass
@@ -169,8 +126,9 @@ def server() -> Iterator[PostgresServer]:
 @pytest.fixture
 def served(server: PostgresServer, tmp_path: Path) -> Iterator[list[ServedFunction]]:
     """Two instances of ``transfer_events`` on the test's server."""
-    url = server.url("app").render_as_string(hide_password=False)
-    instances = [ServedFunction(url, tmp_path) for _ in range(2)]
+    env = {"DATABASE_URL": server.url("app").render_as_string(hide_password=False),
+           "THREADS": "8", "DB_POOL_TIMEOUT": "2"}  # fmt: skip
+    instances = [ServedFunction("transfer_events", env, tmp_path) for _ in range(2)]
     yield instances
     for instance in instances:
         instance.stop()

@@ -66,6 +66,11 @@ def payload_too_large(limit: int) -> HttpError:
     return HttpError(413, "payload_too_large", f"the body is over {limit} bytes")
 
 
+def request_timeout() -> HttpError:
+    """408: the body did not arrive in time (``BODY_TIMEOUT``)."""
+    return HttpError(408, "request_timeout", "the body did not arrive in time")
+
+
 def unsupported_media_type() -> HttpError:
     """415: a body was needed and it was not declared as UTF-8 JSON."""
     return HttpError(

@@ -22,20 +22,20 @@ from typing import Any
 import flask
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import Headers
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import BaseConverter, Map, Rule, ValidationError
 
 from db.engine import Database
 from db.session import transaction
 from service import idempotency
-from web import errors
+from web import bodies, errors
+from web.bodies import MAX_BODY_BYTES
 from web.errors import Reply
 from web.logs import current_request, request_context
 from web.schemas import path_id
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 1024 * 1024
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
 
@@ -140,7 +140,7 @@ class Router:
 
 def serve(request: flask.Request, database: Database, router: Router) -> flask.Response:
     """Answer one request; every outcome, including unexpected errors, is a JSON response."""
-    return _respond(request, lambda: _handle(request, database, router))
+    return _respond(request, database, lambda: _handle(request, database, router))
 
 
 def request_scope(
@@ -179,17 +179,20 @@ def request_scope(
 
         @functools.wraps(function)
         def entry_point(request: flask.Request) -> flask.Response:
-            return _respond(request, lambda: handle(request))
+            return _respond(request, database, lambda: handle(request))
 
         return entry_point
 
     return decorate
 
 
-def _respond(request: flask.Request, handle: Callable[[], Reply]) -> flask.Response:
+def _respond(
+    request: flask.Request, database: Database, handle: Callable[[], Reply]
+) -> flask.Response:
     started = time.perf_counter()
     context = request_context(_request_id(request), request.headers)
     token = current_request.set(context)
+    bodies.bound(request, database.settings.body_timeout)
     try:
         try:
             reply = handle()
@@ -218,7 +221,9 @@ def _respond(request: flask.Request, handle: Callable[[], Reply]) -> flask.Respo
                 },
             },
         )
-        return encode(reply, context.request_id)
+        response = encode(reply, context.request_id)
+        bodies.release(request, response)
+        return response
     finally:
         current_request.reset(token)
 
@@ -338,6 +343,23 @@ def _json_body(request: flask.Request) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
+
+
+def framework_error(error: HTTPException) -> flask.Response:
+    """The JSON answer to a request the framework refuses itself (``/favicon.ico``, an event
+    it cannot read), or a failed event delivery's own answer; an unread body is dropped."""
+    if error.response is not None:
+        response: flask.Response = error.response  # type: ignore[assignment]
+    else:
+        status = error.code or 500
+        code = "not_found" if status == 404 else "bad_request" if status < 500 else "internal"
+        reply = errors.Reply(
+            status, {"error": {"code": code, "message": error.description or code}}
+        )
+        response = encode(reply, new_request_id())
+    if flask.has_request_context():
+        bodies.release(flask.request, response)
+    return response
 
 
 def new_request_id() -> str:
