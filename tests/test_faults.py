@@ -375,10 +375,33 @@ def test_an_outage_logs_where_it_starts_and_where_it_ends(
 
 @pytest.fixture(scope="module")
 def crowded_server() -> Iterator[PostgresServer]:
-    """A server that takes 10 connections at most."""
-    server = _migrated_server(max_connections=10)
+    """A server that takes 12 connections at most."""
+    server = _migrated_server(max_connections=12)
     yield server
     server.destroy()
+
+
+def _on_crowded_server(
+    server: PostgresServer, monkeypatch: pytest.MonkeyPatch, variant: str, pool_size: int
+) -> None:
+    """Instances started next use ``server``, ``pool_size`` connections each, waiting 1 s."""
+    monkeypatch.setenv("DATABASE_URL", server.url("app").render_as_string(hide_password=False))
+    monkeypatch.setenv("DB_POOL_SIZE", str(pool_size))
+    monkeypatch.setenv("DB_POOL_TIMEOUT", "1")
+    for name, value in _untuned(variant).items():
+        monkeypatch.setenv(name, value)
+
+
+def _fill(server: PostgresServer) -> list[pg8000.dbapi.Connection]:
+    """Take every connection the server has left: any new one is refused."""
+    taken: list[pg8000.dbapi.Connection] = []
+    with contextlib.suppress(pg8000.dbapi.DatabaseError):
+        while len(taken) < 20:
+            taken.append(
+                pg8000.dbapi.connect(user="postgres", password=PASSWORD, host="127.0.0.1",
+                                     port=server.port, database="app")
+            )  # fmt: skip
+    return taken
 
 
 def test_an_instance_serves_again_once_a_full_server_frees_connections(
@@ -389,21 +412,10 @@ def test_an_instance_serves_again_once_a_full_server_frees_connections(
 ) -> None:
     """Every connection taken by someone else: a prompt 503 each; freed: every request is
     served again within a few seconds, without a restart."""
-    url = crowded_server.url("app")
-    monkeypatch.setenv("DATABASE_URL", url.render_as_string(hide_password=False))
-    monkeypatch.setenv("DB_POOL_SIZE", "4")
-    monkeypatch.setenv("DB_POOL_TIMEOUT", "1")
-    for name, value in _untuned(variant).items():
-        monkeypatch.setenv(name, value)
+    _on_crowded_server(crowded_server, monkeypatch, variant, pool_size=4)
     client = instances().client
     assert client.get("/users").status_code == 200
-    others: list[pg8000.dbapi.Connection] = []
-    with contextlib.suppress(pg8000.dbapi.DatabaseError):
-        while len(others) < 20:
-            others.append(
-                pg8000.dbapi.connect(user="postgres", password=PASSWORD, host="127.0.0.1",
-                                     port=crowded_server.port, database="app")
-            )  # fmt: skip
+    others = _fill(crowded_server)
 
     def timed(_: int) -> tuple[int, str | None, float]:
         began = time.perf_counter()
@@ -432,16 +444,8 @@ def test_an_instance_serves_again_once_a_full_server_frees_connections(
     assert time.monotonic() - started < 5
 
 
-@pytest.fixture(scope="module")
-def twelve_slot_server() -> Iterator[PostgresServer]:
-    """A server that takes 12 connections at most."""
-    server = _migrated_server(max_connections=12)
-    yield server
-    server.destroy()
-
-
 def test_instances_at_the_connection_limit_serve_from_the_connections_they_hold(
-    twelve_slot_server: PostgresServer,
+    crowded_server: PostgresServer,
     instances: Callable[..., Instance],
     monkeypatch: pytest.MonkeyPatch,
     variant: str,
@@ -450,13 +454,7 @@ def test_instances_at_the_connection_limit_serve_from_the_connections_they_hold(
     connections were lost: 10 sequential reads each are all served from the 4, and no new
     connection is tried while one sits idle. One more read than connections waits, then a quick
     503."""
-    crowded_server = twelve_slot_server
-    url = crowded_server.url("app")
-    monkeypatch.setenv("DATABASE_URL", url.render_as_string(hide_password=False))
-    monkeypatch.setenv("DB_POOL_SIZE", "8")
-    monkeypatch.setenv("DB_POOL_TIMEOUT", "1")
-    for name, value in _untuned(variant).items():
-        monkeypatch.setenv(name, value)
+    _on_crowded_server(crowded_server, monkeypatch, variant, pool_size=8)
     fleet = [instances(), instances()]
     email = f"{variant}-limit@x.io"
     user = fleet[0].client.post("/users", json={"name": "A", "email": email}).json["id"]
@@ -466,13 +464,7 @@ def test_instances_at_the_connection_limit_serve_from_the_connections_they_hold(
             lost.invalidate()  # as a dropped connection is: its entry goes back empty
         for kept in entries[4:]:
             kept.close()
-    others: list[pg8000.dbapi.Connection] = []
-    with contextlib.suppress(pg8000.dbapi.DatabaseError):
-        while len(others) < 20:  # the server at its limit: any new connection is refused
-            others.append(
-                pg8000.dbapi.connect(user="postgres", password=PASSWORD, host="127.0.0.1",
-                                     port=crowded_server.port, database="app")
-            )  # fmt: skip
+    others = _fill(crowded_server)
 
     try:
         reads: dict[int, list[int]] = {}
