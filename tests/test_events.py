@@ -437,3 +437,21 @@ def test_outcomes_are_kept_seven_days_and_purged_after(
         assert purge_expired(session) == 1
 
     assert [row[1] for row in handled(pg)] == ["young"]
+
+
+@pytest.mark.parametrize("message_id", ["nul\x00id", "x" * 2000], ids=["U+0000", "too long"])
+def test_an_identity_the_database_cannot_store_is_acknowledged_not_redelivered(
+    events_fn: Instance,
+    users: tuple[int, int],
+    pg: Engine,
+    caplog: pytest.LogCaptureFixture,
+    message_id: str,
+) -> None:
+    """Its claim is refused for good, and so would its record be: a 200 with one WARNING line,
+    rather than a refusal Pub/Sub would redeliver until the retry window ends."""
+    answer = eventarc(events_fn.client, move(5), message_id)
+
+    assert answer.status_code == 200
+    assert balances(pg) == [100, 0]
+    assert handled(pg) == []
+    assert any("rejected, not recorded" in line for line in event_lines(caplog, logging.WARNING))

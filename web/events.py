@@ -181,8 +181,13 @@ def _reject(
         first = transaction(database, lambda session: events.reject(session, identity, reason))
     except Exception as error:  # noqa: BLE001  # nothing recorded: the redelivery judges again
         reply = errors.error_reply(error)
-        logged(logging.WARNING, "not recorded, to be redelivered", reply.body["error"]["code"])
-        raise DeliveryFailed(reply) from None
+        if reply.status >= 500:
+            logged(logging.WARNING, "not recorded, to be redelivered", reply.body["error"]["code"])
+            raise DeliveryFailed(reply) from None
+        # The database refuses the event's identity itself (too long, U+0000): no redelivery
+        # would fare better, so it is acknowledged, and this line is its only record.
+        logged(logging.WARNING, "rejected, not recorded", f"{reason}; {_reason(reply)}")
+        return
     if first:
         logged(logging.WARNING, "rejected", reason)
     else:
