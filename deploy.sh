@@ -329,23 +329,16 @@ if ((held + planned > budget)); then
   exit 2
 fi
 
-secret_name=${DB_PASS_SECRET%%:*}
-secret_version=latest
-if [[ "$DB_PASS_SECRET" == *:* ]]; then
-  secret_version=${DB_PASS_SECRET#*:}
-fi
+# A secret named NAME or NAME:VERSION, as NAME:VERSION (the latest version by default).
+secret_ref() {
+  if [[ "$1" == *:* ]]; then echo "$1"; else echo "$1:latest"; fi
+}
 
-url_secret_name=${DATABASE_URL_SECRET%%:*}
-url_secret_version=latest
-if [[ "$DATABASE_URL_SECRET" == *:* ]]; then
-  url_secret_version=${DATABASE_URL_SECRET#*:}
-fi
-
-# A secret NAME or NAME:VERSION, as gcloud's command that prints its value.
+# The gcloud command that prints a secret's value, in `fetch`.
 secret_access() {
-  local version=latest
-  [[ "$1" != *:* ]] || version=${1#*:}
-  fetch=(gcloud secrets versions access "$version" --secret="${1%%:*}" --project="$PROJECT_ID")
+  local ref
+  ref=$(secret_ref "$1")
+  fetch=(gcloud secrets versions access "${ref#*:}" --secret="${ref%%:*}" --project="$PROJECT_ID")
 }
 
 if $migrate && [[ $mode == url ]]; then
@@ -418,10 +411,10 @@ for function in "${chosen[@]}"; do
     --quiet)
   # Each deploy states every setting, so one that was dropped is removed, not left behind.
   if [[ $mode == url ]]; then
-    command+=(--set-secrets="DATABASE_URL=$url_secret_name:$url_secret_version")
+    command+=(--set-secrets="DATABASE_URL=$(secret_ref "$DATABASE_URL_SECRET")")
   elif [[ "$DB_IAM_AUTH" == false ]]; then
     # A file, read again at each access: a rotated password needs no redeploy (DB_PASS_FILE).
-    command+=(--set-secrets="$PASSWORD_FILE=$secret_name:$secret_version")
+    command+=(--set-secrets="$PASSWORD_FILE=$(secret_ref "$DB_PASS_SECRET")")
   else
     command+=(--clear-secrets)
   fi

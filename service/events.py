@@ -54,11 +54,10 @@ class AlreadyHandled(Exception):
 class Claim:
     """The claim of one event in one transaction; ``settle`` makes sure it reached the server."""
 
-    def __init__(self, session: Session, identity: Identity) -> None:
-        self.session = session
+    def __init__(self, identity: Identity, tuned: Any = None) -> None:
         self.identity = identity
+        self.tuned = tuned  # db/driver.py's connection, when the claim travels ahead
         self.settled = False
-        self._tuned: Any = None
 
     def check(self, inserted: int) -> None:
         """Raise ``AlreadyHandled`` unless the claim inserted its row."""
@@ -68,8 +67,8 @@ class Claim:
 
     def settle(self) -> None:
         """Send a claim still waiting for a statement to travel with (the work ran none)."""
-        if not self.settled and self._tuned is not None:
-            self._tuned.flush()
+        if not self.settled and self.tuned is not None:
+            self.tuned.flush()
 
 
 def claim(session: Session, identity: Identity) -> Claim:
@@ -80,12 +79,10 @@ def claim(session: Session, identity: Identity) -> Claim:
     raises ``AlreadyHandled``. Elsewhere it is a statement of its own, run here. Either way,
     call ``Claim.settle`` before the transaction commits.
     """
-    held = Claim(session, identity)
     raw = session.connection().connection.dbapi_connection
-    tuned = getattr(raw, "tuned", None)
-    if tuned is not None:
-        held._tuned = tuned
-        tuned.send_ahead(_CLAIM, (identity.source, identity.id, identity.type), held.check)
+    held = Claim(identity, getattr(raw, "tuned", None))
+    if held.tuned is not None:
+        held.tuned.send_ahead(_CLAIM, (identity.source, identity.id, identity.type), held.check)
         return held
     inserted = _record(session, identity, "applied")
     held.check(1 if inserted else 0)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import json
 import logging
 import re
 import time
@@ -38,7 +37,7 @@ from werkzeug.exceptions import HTTPException
 from db.engine import Database
 from db.session import transaction
 from service import events
-from web import errors
+from web import errors, http
 from web.errors import Reply
 from web.logs import current_request, request_context
 
@@ -63,8 +62,9 @@ class DeliveryFailed(HTTPException):
     """Fails a delivery so that it is redelivered; the answer is the one HTTP would give."""
 
     def __init__(self, reply: Reply) -> None:
-        body = json.dumps(reply.body, separators=(",", ":"))
-        response = flask.Response(body, reply.status, reply.headers, "application/json")
+        context = current_request.get()
+        request_id = context.request_id if context else http.new_request_id()
+        response = http.encode(reply, request_id)
         super().__init__(description=reply.body["error"]["message"], response=response)
         self.code = reply.status
 
@@ -81,8 +81,8 @@ class Message:
     def json(self) -> dict[str, Any]:
         """The data as a JSON object; a 400 ``malformed_event`` when it is not one."""
         try:
-            value = json.loads(self.data.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError, RecursionError):
+            value = http.json_value(self.data)
+        except ValueError:
             raise malformed_event("the message's data is not JSON in UTF-8") from None
         if not isinstance(value, dict):
             raise malformed_event("the message's data must be a JSON object")
@@ -254,7 +254,3 @@ def _reason(reply: Reply) -> str:
 
 def _headers() -> Mapping[str, str] | Headers:
     return flask.request.headers if flask.has_request_context() else {}
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
