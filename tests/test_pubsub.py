@@ -119,14 +119,16 @@ def server() -> Iterator[PostgresServer]:
     upgrade(engine)
     add_users(engine, USERS, START_BALANCE)
     engine.dispose()
+    own.add_runtime_user("app")
     yield own
     own.destroy()
 
 
 @pytest.fixture
 def served(server: PostgresServer, tmp_path: Path) -> Iterator[list[ServedFunction]]:
-    """Two instances of ``transfer_events`` on the test's server."""
-    env = {"DATABASE_URL": server.url("app").render_as_string(hide_password=False),
+    """Two instances of ``transfer_events`` on the test's server, as the runtime role."""
+    # Served as in production: by a user with the runtime role's privileges only.
+    env = {"DATABASE_URL": server.runtime_url("app").render_as_string(hide_password=False),
            "THREADS": "8", "DB_POOL_TIMEOUT": "2"}  # fmt: skip
     instances = [ServedFunction("transfer_events", env, tmp_path) for _ in range(2)]
     yield instances
