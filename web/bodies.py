@@ -31,6 +31,7 @@ from web import errors
 MAX_BODY_BYTES = 1024 * 1024
 _BOUNDED = "app.body"  # the request's BoundedBody, in its WSGI environ
 _CHUNK = 64 * 1024
+_GRANULE = 0.1  # seconds: how finely body deadlines are kept
 
 
 class BoundedBody(io.RawIOBase):
@@ -171,7 +172,8 @@ class _Deadlines:
                 self._thread = threading.Thread(target=self._run, name="body-deadlines")
                 self._thread.daemon = True
                 self._thread.start()
-            self._ready.notify()
+            if self._heap[0][2] is watch:  # the earliest: the thread waits for a later one
+                self._ready.notify()
         return watch
 
     def _run(self) -> None:
@@ -179,16 +181,19 @@ class _Deadlines:
             with self._ready:
                 while not self._heap:
                     self._ready.wait()
-                deadline, _, watch = self._heap[0]
-                wait = deadline - time.monotonic()
-                if wait > 0 and not watch.cancelled:
-                    self._ready.wait(wait)
+                now = time.monotonic()
+                due = []
+                while self._heap and (self._heap[0][2].cancelled or self._heap[0][0] <= now):
+                    due.append(heapq.heappop(self._heap)[2])
+                if not due:
+                    # Woken at most every _GRANULE: a deadline is kept to within that.
+                    self._ready.wait(max(self._heap[0][0] - now, _GRANULE))
                     continue
-                heapq.heappop(self._heap)
-            if not watch.cancelled:
-                watch.expired = True
-                with contextlib.suppress(OSError):  # already closed
-                    watch.sock.shutdown(socket.SHUT_RD)
+            for watch in due:
+                if not watch.cancelled:
+                    watch.expired = True
+                    with contextlib.suppress(OSError):  # already closed
+                        watch.sock.shutdown(socket.SHUT_RD)
 
 
 _deadlines = _Deadlines()
