@@ -105,6 +105,8 @@ def test_iam_authentication_needs_no_password() -> None:
         ({"DB_STATEMENT_TIMEOUT": "nan"}, "DB_STATEMENT_TIMEOUT"),
         ({"THREADS": "0"}, "THREADS"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"BODY_TIMEOUT": "0"}, "BODY_TIMEOUT"),
+        ({"BODY_TIMEOUT": "forever"}, "BODY_TIMEOUT"),
         ({"DB_PASS_FILE": "/nonexistent/db-pass"}, "DB_PASS_FILE"),
         ({**CONNECTOR, "DB_PASS_FILE": "/nonexistent/db-pass"}, "DB_PASS_FILE"),
     ],

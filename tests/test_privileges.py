@@ -16,8 +16,9 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
+from db.config import ConfigError
 from db.errors import sqlstate
-from db.roles import DEFAULT_RUNTIME_ROLE, RUNTIME_PRIVILEGES, grant_runtime
+from db.roles import DEFAULT_RUNTIME_ROLE, RUNTIME_PRIVILEGES, grant_runtime, runtime_role
 from dev.postgres import RUNTIME_PASSWORD, RUNTIME_USER
 from tests.conftest import Instance
 
@@ -147,3 +148,18 @@ def test_a_missing_privilege_is_a_500_naming_it(
     assert "permission denied for table users" in errors[0]
     assert "runtime role" in errors[0]
     assert client.post("/users", json={"name": "A", "email": "a@x.io"}).status_code == 201
+
+
+@pytest.mark.parametrize(
+    "name", ["App-Runtime", "app runtime", "app_runtime; DROP TABLE users", "x" * 64]
+)
+def test_a_runtime_role_name_that_is_not_a_plain_sql_name_is_refused(name: str) -> None:
+    """DB_RUNTIME_ROLE goes into GRANT statements: only a lower-case SQL name is taken."""
+    with pytest.raises(ConfigError, match="DB_RUNTIME_ROLE"):
+        runtime_role({"DB_RUNTIME_ROLE": name})
+
+
+def test_the_runtime_role_is_app_runtime_unless_named() -> None:
+    """The default, and a name given in DB_RUNTIME_ROLE."""
+    assert runtime_role({}) == "app_runtime"
+    assert runtime_role({"DB_RUNTIME_ROLE": "billing_runtime"}) == "billing_runtime"
