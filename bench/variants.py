@@ -4,9 +4,7 @@ Served by functions-framework next to the service itself, so that one benchmark 
 them on the same machine, database and HTTP stack. Each uses pg8000 as installed. Not
 deployable code: two of them are wrong on purpose.
 
-- ``google_sample``: the pattern of Google's Cloud SQL Python sample: a global engine created
-  lazily (without a lock) with a pool of 5 + 2, ``engine.connect()`` per request, Core
-  ``text()`` statements.
+- ``google_sample``: the pattern of Google's Cloud SQL Python sample (``bench/sample.py``).
 - ``seeds_session``: a ``Session`` per request from a global ``sessionmaker``, closed in
   ``finally``, on SQLAlchemy's default pool.
 - ``global_session``: one module-level ``Session`` for every request on every thread: fast,
@@ -22,13 +20,15 @@ from typing import Any
 
 import flask
 import functions_framework
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench.sample import google_sample
 from db.config import load_settings
 from db.models import User, utcnow
-from web.representations import timestamp
 from web.representations import user as represent
+
+__all__ = ["engine_per_request", "global_session", "google_sample", "seeds_session"]
 
 _settings = load_settings()
 # Named like the service's connections, so the benchmark can count them on the server.
@@ -41,50 +41,6 @@ def _json(status: int, body: Any) -> flask.Response:
 
 def _user_id(request: flask.Request) -> int:
     return int(request.path.rstrip("/").rsplit("/", 1)[-1])
-
-
-# Google's sample
-
-
-_sample_engine: Engine | None = None
-_COLUMNS = "id, name, email, balance, created_at, updated_at"
-
-
-def _sample_pool() -> Engine:
-    global _sample_engine  # noqa: PLW0603  # the sample's own lazy global, as it writes it
-    if _sample_engine is None:
-        _sample_engine = create_engine(
-            _settings.url, pool_size=5, max_overflow=2, pool_timeout=30, pool_recycle=1800,
-            connect_args=_connect_args,
-        )  # fmt: skip
-    return _sample_engine
-
-
-def _row(row: Any) -> dict[str, Any]:
-    found = dict(row._mapping)
-    return {**found, "created_at": timestamp(found["created_at"]),
-            "updated_at": timestamp(found["updated_at"])}  # fmt: skip
-
-
-@functions_framework.http
-def google_sample(request: flask.Request) -> flask.Response:
-    """Users through a pooled Core connection per request."""
-    with _sample_pool().connect() as connection:
-        if request.method == "POST":
-            fields = request.get_json()
-            row = connection.execute(
-                text(
-                    "INSERT INTO users (name, email, balance, created_at, updated_at)"
-                    f" VALUES (:name, :email, 0, now(), now()) RETURNING {_COLUMNS}"
-                ),
-                {"name": fields["name"], "email": fields["email"].lower()},
-            ).one()
-            connection.commit()
-            return _json(201, _row(row))
-        found = connection.execute(
-            text(f"SELECT {_COLUMNS} FROM users WHERE id = :id"), {"id": _user_id(request)}
-        ).one_or_none()
-        return _json(200, _row(found)) if found else _json(404, {"error": "not found"})
 
 
 # A Session per request from a global sessionmaker

@@ -237,8 +237,9 @@ def _postgresql_engine(settings: Settings) -> tuple[Engine, Any]:
     return engine, connector
 
 
-def transaction_settings(settings: Settings) -> str:
-    """``SET LOCAL`` of the server-side timeouts, for the start of every transaction.
+def transaction_settings(settings: Settings) -> tuple[str, ...]:
+    """The ``SET LOCAL`` statements of the server-side timeouts, for the start of every
+    transaction.
 
     They travel with each transaction rather than in the connection's startup packet:
     a transaction-mode pooler (PgBouncer, Cloud SQL's Managed Connection Pooling) refuses
@@ -249,15 +250,15 @@ def transaction_settings(settings: Settings) -> str:
     statement = int(settings.statement_timeout * 1000)
     idle = int(settings.idle_in_transaction_timeout * 1000)
     return (
-        f"SET LOCAL statement_timeout = {statement};"
-        f" SET LOCAL idle_in_transaction_session_timeout = {idle}"
+        f"SET LOCAL statement_timeout = {statement}",
+        f"SET LOCAL idle_in_transaction_session_timeout = {idle}",
     )
 
 
 def _set_timeouts_per_transaction(engine: Engine, settings: Settings) -> None:
     # Each new connection is set up ahead of SQLAlchemy's own first queries on it (insert=True):
     # an instance frozen during those holds a transaction the idle timeout still ends.
-    begin = f"BEGIN; {transaction_settings(settings)}"
+    begin = ("BEGIN", *transaction_settings(settings))
     if settings.driver_tuning and driver.is_tested():
         # The settings ride in the same write as BEGIN and the first statement: no round trip.
         event.listen(
@@ -279,13 +280,13 @@ def _set_timeouts_per_transaction(engine: Engine, settings: Settings) -> None:
     def _open_with_settings(dbapi_connection: Any, _record: Any) -> None:
         # Opens the connection's first transaction, which its first checkout goes on with.
         cursor = dbapi_connection.cursor()
-        cursor.execute(transaction_settings(settings))
+        cursor.execute("; ".join(transaction_settings(settings)))
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _set_local(connection: Any) -> None:
         # pg8000 sends its own BEGIN first; these are one more round trip.
-        connection.exec_driver_sql(transaction_settings(settings))
+        connection.exec_driver_sql("; ".join(transaction_settings(settings)))
 
 
 class _TlsNegotiation:
