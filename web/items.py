@@ -2,32 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypedDict
 
-from pydantic import Field, with_config
 from sqlalchemy.orm import Session
-from typing_extensions import TypedDict
 
 from service import items
 from service.errors import NotFound
 from web import representations as show
 from web.errors import Reply
 from web.http import Call, Endpoint, route
-from web.schemas import STRICT, IdRef, ItemName, Quantity, body_validator, id_parameter, page_query
+from web.schemas import (
+    IdRef,
+    ItemName,
+    Length,
+    Quantity,
+    body_validator,
+    id_parameter,
+    page_query,
+)
 
 MAX_BATCH = 1000
 
 
-@with_config(STRICT)
 class NewItem(TypedDict):
     owner_id: IdRef
     name: ItemName
     quantity: Quantity
 
 
-@with_config(STRICT)
 class NewItems(TypedDict):
-    items: Annotated[list[NewItem], Field(min_length=1, max_length=MAX_BATCH)]
+    items: Annotated[list[NewItem], Length(1, MAX_BATCH)]
 
 
 _one = body_validator(NewItem)

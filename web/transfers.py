@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from pydantic import with_config
+from typing import TypedDict
+
 from sqlalchemy.orm import Session
-from typing_extensions import TypedDict
 
 from service import transfers
 from service.errors import ValidationFailed
 from web import representations as show
 from web.errors import Reply
 from web.http import Call, Endpoint, route
-from web.schemas import STRICT, Amount, IdRef, body_validator, id_parameter, page_query
+from web.schemas import Amount, IdRef, body_validator, id_parameter, page_query
 
 
-@with_config(STRICT)
 class NewTransfer(TypedDict):
     from_user_id: IdRef
     to_user_id: IdRef

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from typing import NotRequired
+from typing import NotRequired, TypedDict
 
-from pydantic import with_config
 from sqlalchemy.orm import Session
-from typing_extensions import TypedDict
 
 from service import users
 from web import representations as show
 from web.errors import Reply
 from web.http import Call, Endpoint, route
 from web.schemas import (
-    STRICT,
     Balance,
     Email,
     UserName,
@@ -23,14 +20,12 @@ from web.schemas import (
 )
 
 
-@with_config(STRICT)
 class NewUser(TypedDict):
     name: UserName
     email: Email
     balance: NotRequired[Balance]
 
 
-@with_config(STRICT)
 class UserChanges(TypedDict, total=False):
     name: UserName
     email: Email
