@@ -18,9 +18,9 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from db import dialects
 from db.models import HandledEvent, utcnow
 
 # Pub/Sub keeps an unacknowledged message for 7 days at most: a redelivery comes within that.
@@ -114,9 +114,8 @@ def purge_expired(session: Session) -> int:
 
 def _record(session: Session, identity: Identity, outcome: str, reason: str | None = None) -> bool:
     """Insert the event's outcome unless one is recorded; whether it was inserted."""
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     inserted = session.execute(
-        dialect.insert(HandledEvent)
+        dialects.insert(session, HandledEvent)
         .values(
             source=identity.source,
             id=identity.id,

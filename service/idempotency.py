@@ -16,9 +16,9 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from db import dialects
 from db.models import IdempotencyRecord, utcnow
 from service.errors import IdempotencyKeyMismatch, RequestInProgress
 
@@ -45,9 +45,8 @@ def claim(session: Session, key: str, request_fingerprint: str) -> StoredRespons
 
     Raises ``IdempotencyKeyMismatch`` when the key was used for another request.
     """
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     inserted = session.execute(
-        dialect.insert(IdempotencyRecord)
+        dialects.insert(session, IdempotencyRecord)
         .values(key=key, fingerprint=request_fingerprint, created_at=utcnow())
         .on_conflict_do_nothing(index_elements=["key"])
         .returning(IdempotencyRecord.key)
