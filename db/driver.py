@@ -28,6 +28,9 @@ connection an engine opens, and on no other connection:
   calls for a small transaction. Here the messages already in the buffer are parsed in
   place, and the buffer advanced once for all of them; a message larger than the buffer still
   goes pg8000's way.
+- Its ``executemany`` runs one statement per parameter set, each waited for: the ORM's update
+  of a transfer's two balances took two round trips. Here all sets go in one write, with one
+  Sync.
 - It leaves Nagle's algorithm on: a message that overflows its write buffer waits for the
   server's delayed ACK, about 40 ms, as in a large multi-row INSERT.
 
@@ -141,6 +144,10 @@ class _Batch:
         self._add(b"P", bytes(parse))
         if describe:
             self._add(b"D", b"S" + _NUL)
+        self.execute_again(params)
+
+    def execute_again(self, params: Any) -> None:
+        """Bind and Execute the statement last parsed, with other parameters."""
         bind = bytearray(_NUL + _NUL + _COUNT.pack(0) + _COUNT.pack(len(params)))
         for value in params:
             if value is None:
@@ -183,6 +190,7 @@ class _Tuned:
         self.began_read_only = False  # the current transaction's BEGIN said READ ONLY
         self.unread_commits = 0
         self.ahead: list[_Ahead] = []
+        self.more_parameter_sets: list[Any] = []  # see _Cursor.executemany
 
     def send_ahead(
         self, statement: str, values: tuple[Any, ...], check: Callable[[int], None]
@@ -219,10 +227,14 @@ class _Tuned:
         if stream is not None:  # COPY keeps pg8000's own path
             self.flush()
             return _core.execute_unnamed(connection, statement, vals, oids, stream)
+        more, self.more_parameter_sets = self.more_parameter_sets, []
         # Encode first: a value that cannot be sent must fail before anything is queued.
-        params = pg8000.converters.make_params(connection.py_types, vals)
+        py_types = connection.py_types
+        params = pg8000.converters.make_params(py_types, vals)
         own = _Batch(connection)
         own.statement(statement, params, oids, describe=True)
+        for other in more:
+            own.execute_again(pg8000.converters.make_params(py_types, other))
         own.sync()
         context = pg8000.core.Context(statement)
         batch = _Batch(connection)
@@ -361,6 +373,29 @@ class _Tuned:
         return True
 
 
+class _Cursor(pg8000.legacy.Cursor):  # type: ignore[misc]
+    """A cursor whose ``executemany`` sends every parameter set in one write, with one Sync:
+    one round trip for all (pg8000 waits for each). The server stops at the first error and
+    skips the rest; the row count is the sum, as pg8000's."""
+
+    def executemany(self, operation: str, param_sets: Any) -> Any:
+        sets = list(param_sets)
+        if len(sets) < 2 or any(len(values) == 0 for values in sets):
+            return super().executemany(operation, sets)  # no parameters: the simple protocol
+        tuned = self._c.tuned
+        # The statement text is the same for every set; pg8000's execute sends the first set,
+        # and the tuned execute_unnamed adds the others behind it.
+        tuned.more_parameter_sets = [
+            _dispatch_convert_paramstyle(self.paramstyle, operation, values)[1]
+            for values in sets[1:]
+        ]
+        try:
+            self.execute(operation, sets[0])
+        finally:
+            tuned.more_parameter_sets = []
+        return self
+
+
 def tune_connection(dbapi_connection: Any, begin: tuple[str, ...]) -> None:
     """Tune one new pg8000 connection (the module docstring lists how); ``begin`` are the
     statements that open each of its transactions: ``BEGIN``, then ``SET LOCAL ...``."""
@@ -375,7 +410,5 @@ def tune_connection(dbapi_connection: Any, begin: tuple[str, ...]) -> None:
     dbapi_connection.commit = tuned.commit
     dbapi_connection.rollback = tuned.rollback
     dbapi_connection.handle_messages = tuned.handle_messages
-    dbapi_connection.cursor = lambda: pg8000.legacy.Cursor(
-        dbapi_connection, paramstyle=_CACHED_FORMAT
-    )
+    dbapi_connection.cursor = lambda: _Cursor(dbapi_connection, paramstyle=_CACHED_FORMAT)
     dbapi_connection.register_in_adapter(TIMESTAMPTZ_OID, _timestamptz)

@@ -212,6 +212,52 @@ def test_a_read_waits_for_one_round_trip_and_a_write_for_two(
     assert write == {"writes": 2, "round_trips": 2}
 
 
+def test_executemany_sends_every_parameter_set_in_one_round_trip(
+    pg: Engine, instances: Callable[..., Instance]
+) -> None:
+    """The ORM updates a transfer's two balances with one executemany: one round trip, and
+    the row count of all its statements, as pg8000 counts it."""
+    client = instances().client
+    ids = [client.post("/users", json={"name": n, "email": f"{n}@x.io"}).json["id"] for n in "abc"]
+    engine = instances().database.engine
+    with engine.connect() as connection:
+        raw = connection.connection.dbapi_connection
+        assert raw is not None
+        cursor = raw.cursor()
+        cursor.execute("SELECT 1 WHERE 1 = %s", (1,))  # the transaction has begun
+        with counting_round_trips() as counts:
+            cursor.executemany(
+                "UPDATE users SET balance = %s WHERE id = %s",
+                [(7, ids[0]), (8, ids[1]), (9, ids[2])],
+            )
+        assert cursor.rowcount == 3
+        raw.commit()
+
+    assert counts == {"writes": 1, "round_trips": 1}
+    assert [client.get(f"/users/{i}").json["balance"] for i in ids] == [7, 8, 9]
+
+
+def test_executemany_stops_at_the_first_failing_set_and_keeps_the_connection_in_step(
+    pg: Engine, instances: Callable[..., Instance]
+) -> None:
+    """A failing set raises; the transaction applies none of the sets; the connection works."""
+    client = instances().client
+    user = client.post("/users", json={"name": "A", "email": "a@x.io"}).json["id"]
+    engine = instances().database.engine
+    with engine.connect() as connection:
+        raw = connection.connection.dbapi_connection
+        assert raw is not None
+        cursor = raw.cursor()
+        with pytest.raises(pg8000.dbapi.DatabaseError):
+            cursor.executemany(
+                "UPDATE users SET balance = %s WHERE id = %s", [(5, user), (-1, user), (6, user)]
+            )
+        raw.rollback()
+        cursor.execute("SELECT balance FROM users WHERE id = %s", (user,))
+        assert cursor.fetchall() == ([0],)
+        raw.rollback()
+
+
 @pytest.mark.parametrize(
     ("statement", "params"),
     [
