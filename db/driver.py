@@ -31,6 +31,8 @@ connection an engine opens, and on no other connection:
 - Its ``executemany`` runs one statement per parameter set, each waited for: the ORM's update
   of a transfer's two balances took two round trips. Here all sets go in one write, with one
   Sync.
+- It decodes each answer's row description (column names and types) anew, though the same
+  statement always gets the same one; here each connection keeps the last few it decoded.
 - It leaves Nagle's algorithm on: a message that overflows its write buffer waits for the
   server's delayed ACK, about 40 ms, as in a large multi-row INSERT.
 
@@ -65,6 +67,7 @@ _LENGTH = struct.Struct("!i")
 _COUNT = struct.Struct("!H")
 _NUL = b"\x00"
 _NULL_VALUE = _LENGTH.pack(-1)
+_ROW_DESCRIPTIONS_KEPT = 256
 
 
 def installed_version() -> str:
@@ -191,6 +194,7 @@ class _Tuned:
         self.unread_commits = 0
         self.ahead: list[_Ahead] = []
         self.more_parameter_sets: list[Any] = []  # see _Cursor.executemany
+        self.row_descriptions: dict[bytes, tuple[Any, Any]] = {}
 
     def send_ahead(
         self, statement: str, values: tuple[Any, ...], check: Callable[[int], None]
@@ -301,6 +305,20 @@ class _Tuned:
         batch.send(self.connection._sock)
         self._receive(earlier, None)
 
+    def handle_row_description(self, data: bytes, context: Any) -> None:
+        """pg8000's handler of a RowDescription, remembering what it decoded. The columns and
+        conversions are shared by the contexts of a statement, which only read them."""
+        known = self.row_descriptions.get(data)
+        if known is None:
+            _core.handle_ROW_DESCRIPTION(self.connection, data, context)
+            if len(self.row_descriptions) >= _ROW_DESCRIPTIONS_KEPT:
+                self.row_descriptions.clear()
+            self.row_descriptions[data] = (context.columns, context.input_funcs)
+            return
+        context.columns, context.input_funcs = known
+        if context.rows is None:
+            context.rows = []
+
     def handle_messages(self, context: Any) -> None:
         """pg8000's ``handle_messages``: dispatch each answer message to the connection's
         handlers until ReadyForQuery, then raise the error the answer carried, if any."""
@@ -410,5 +428,13 @@ def tune_connection(dbapi_connection: Any, begin: tuple[str, ...]) -> None:
     dbapi_connection.commit = tuned.commit
     dbapi_connection.rollback = tuned.rollback
     dbapi_connection.handle_messages = tuned.handle_messages
+    dbapi_connection.message_types[pg8000.core.ROW_DESCRIPTION] = tuned.handle_row_description
+    register = dbapi_connection.register_in_adapter
+
+    def register_in_adapter(oid: int, function: Any) -> None:
+        tuned.row_descriptions.clear()  # their conversions may have changed
+        register(oid, function)
+
+    dbapi_connection.register_in_adapter = register_in_adapter
     dbapi_connection.cursor = lambda: _Cursor(dbapi_connection, paramstyle=_CACHED_FORMAT)
     dbapi_connection.register_in_adapter(TIMESTAMPTZ_OID, _timestamptz)

@@ -212,6 +212,28 @@ def test_a_read_waits_for_one_round_trip_and_a_write_for_two(
     assert write == {"writes": 2, "round_trips": 2}
 
 
+def test_row_descriptions_are_decoded_once_and_follow_a_new_conversion(
+    pg: Engine, instances: Callable[..., Instance]
+) -> None:
+    """The same statement's row description is decoded once per connection; registering
+    another conversion for a type takes effect on the next statement all the same."""
+    engine = instances().database.engine
+    with engine.connect() as connection:
+        raw = connection.connection.dbapi_connection
+        assert raw is not None
+        cursor = raw.cursor()
+        known = len(raw.tuned.row_descriptions)
+        for _ in range(3):
+            cursor.execute("SELECT %s::int4 AS answer", (42,))
+            assert cursor.fetchall() == ([42],)
+        assert len(raw.tuned.row_descriptions) == known + 1
+
+        raw.register_in_adapter(23, lambda text: f"int4 {text}")  # 23: int4
+        cursor.execute("SELECT %s::int4 AS answer", (42,))
+        assert cursor.fetchall() == (["int4 42"],)
+        raw.rollback()
+
+
 def test_executemany_sends_every_parameter_set_in_one_round_trip(
     pg: Engine, instances: Callable[..., Instance]
 ) -> None:

@@ -120,12 +120,13 @@ class Router:
             merge_slashes=False,
             redirect_defaults=False,
         )
+        # Matching reads the adapter and never changes it: one serves every request.
+        self._adapter = self._map.bind("localhost")
 
     def match(self, path: str, method: str) -> tuple[Endpoint | Document, Mapping[str, Any]]:
         """The endpoint and path parameters for a request; raises ``HttpError`` 404 or 405."""
-        adapter = self._map.bind("localhost")
         try:
-            key, params = adapter.match("/" + path.strip("/"), method)
+            key, params = self._adapter.match("/" + path.strip("/"), method)
         except NotFound:
             raise errors.not_found() from None
         except MethodNotAllowed as refused:
