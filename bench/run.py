@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -32,9 +33,12 @@ from typing import Any
 import pg8000.core
 import pg8000.legacy
 import pg8000.native
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
 
+from bench import coldstart
+from bench.coldstart import Case
 from bench.latency import LatencyProxy
 from db.migrate import upgrade
 from dev.postgres import PASSWORD, PostgresServer, free_port
@@ -46,11 +50,14 @@ BENCH = ROOT / "bench"
 ROUNDS = 5
 ROUND_SECONDS = 1.5
 ROUND_REQUESTS = 3000
+SATURATED_ROUNDS = 3
+COLD_START_ROUNDS = 5
+POST_RUNS = 10
 DELAY_MS = 0.5  # each way: a 1 ms round trip, as from a function to Cloud SQL
 CONNECTOR_INSTANCE = "bench-project:europe-west1:bench"
 VARIANTS = {  # name: (target, source)
     "service": ("api", ROOT / "main.py"),
-    "google_sample": ("google_sample", BENCH / "variants.py"),
+    "google_sample": ("google_sample", BENCH / "sample.py"),
     "seeds_session": ("seeds_session", BENCH / "variants.py"),
     "global_session": ("global_session", BENCH / "variants.py"),
     "engine_per_request": ("engine_per_request", BENCH / "variants.py"),
@@ -180,55 +187,117 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def saturated(servers: dict[str, Served], paths: dict[str, str], seconds: float = 5) -> Any:
-    """Requests per second of one instance under 16 concurrent keep-alive clients (wrk), and
-    the worker's CPU per request. Writes post users with a unique email per request."""
+def saturated(
+    servers: dict[str, Served],
+    paths: dict[str, str],
+    url: URL,
+    user_ids: list[int],
+    seconds: float = 5,
+) -> Any:
+    """Requests per second of one instance under 16 concurrent keep-alive clients (wrk), the
+    worker's CPU per request, and the database connections the instance holds, in rounds
+    interleaving the variants. Writes post users with a unique email per request, or move 1
+    between two of ``user_ids``."""
     wrk = shutil.which("wrk")
     if wrk is None:
         return {"skipped": "wrk is not installed (Debian package wrk)"}
     report: dict[str, Any] = {}
+    admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     with tempfile.TemporaryDirectory() as folder:
         for label, path in paths.items():
-            for name, server in servers.items():
-                if label.startswith("POST") and name == "hello":
-                    continue
-                url = f"http://127.0.0.1:{server.port}{path}"
-                extra = _post_script(Path(folder)) if label.startswith("POST") else []
-                subprocess.run([wrk, "-t1", "-c8", "-d1s", *extra, url], capture_output=True,
-                               check=True, timeout=60)  # fmt: skip
-                extra = _post_script(Path(folder)) if label.startswith("POST") else []
-                pid = server.worker_pid()
-                cpu_before, started = _cpu_seconds(pid), time.monotonic()
-                output = subprocess.run(
-                    [wrk, "-t1", "-c16", f"-d{seconds}s", *extra, url],
-                    capture_output=True, text=True, check=True, timeout=120,
-                ).stdout  # fmt: skip
-                elapsed = time.monotonic() - started
-                rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1])  # type: ignore[index]
-                errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-                report.setdefault(label, {})[name] = {
-                    "per_second": rate,
-                    "worker_cpu_us_per_request": (_cpu_seconds(pid) - cpu_before)
-                    / (rate * elapsed)
-                    * 1e6,
-                    "non_2xx": int(errors[1]) if errors else 0,
-                }
+            runs: dict[str, list[dict[str, float]]] = {}
+            script = functools.partial(_wrk_script, label, Path(folder), user_ids)
+            for _ in range(SATURATED_ROUNDS):
+                for name, server in servers.items():
+                    if label.startswith("POST") and name == "hello":
+                        continue
+                    if label.startswith("POST /transfers") and name != "service":
+                        continue  # the sample pattern has no transfers
+                    runs.setdefault(name, []).append(
+                        _saturate(wrk, server, path, seconds=seconds, admin=admin,
+                                  script=script)
+                    )  # fmt: skip
+            report[label] = {
+                name: {key: statistics.median(run[key] for run in measured) for key in measured[0]}
+                for name, measured in runs.items()
+            }
+            by_name = report[label]
+            if "hello" in by_name:
+                by_name["service"]["per_second_vs_hello"] = (
+                    by_name["service"]["per_second"] / by_name["hello"]["per_second"]
+                )
+            if "google_sample" in by_name:
+                by_name["service"]["per_second_vs_google_sample"] = (
+                    by_name["service"]["per_second"] / by_name["google_sample"]["per_second"]
+                )
+    admin.dispose()
     return report
 
 
-def _post_script(folder: Path) -> list[str]:
-    """wrk's arguments for POST /users with an email no other request used."""
+def _saturate(
+    wrk: str,
+    server: Served,
+    path: str,
+    *,
+    script: Callable[[], list[str]],
+    seconds: float,
+    admin: Engine,
+) -> dict[str, float]:
+    """One warm-up and one measured wrk run; ``script`` makes each its own request script, so
+    no two POST /users share an email."""
+    url = f"http://127.0.0.1:{server.port}{path}"
+    subprocess.run([wrk, "-t1", "-c8", "-d1s", *script(), url], capture_output=True, check=True,
+                   timeout=60)  # fmt: skip
+    pid = server.worker_pid()
+    cpu_before, started = _cpu_seconds(pid), time.monotonic()
+    output = subprocess.run(
+        [wrk, "-t1", "-c16", f"-d{seconds}s", *script(), url],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout  # fmt: skip
+    elapsed = time.monotonic() - started
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1])  # type: ignore[index]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    with admin.connect() as connection:
+        held = connection.scalar(
+            text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"),
+            {"name": f"bench-{server.name}"},
+        )
+    return {
+        "per_second": rate,
+        "worker_cpu_us_per_request": (_cpu_seconds(pid) - cpu_before) / (rate * elapsed) * 1e6,
+        "non_2xx": int(errors[1]) if errors else 0,
+        "connections": float(held or 0),
+        "per_second_per_connection": rate / held if held else 0.0,
+    }
+
+
+def _wrk_script(label: str, folder: Path, user_ids: list[int]) -> list[str]:
+    """wrk's arguments for the request: a GET as is; POST /users with an email no other
+    request used; POST /transfers moving 1 between two users chosen at random."""
+    if not label.startswith("POST"):
+        return []
     script = folder / f"post-{time.time_ns()}.lua"
+    if label.startswith("POST /transfers"):
+        ids = ", ".join(str(user_id) for user_id in user_ids)
+        body = (
+            "local i = math.random(#ids)\n"
+            "  local j = (i % #ids) + 1\n"
+            "  return wrk.format(nil, nil, nil, '{\"from_user_id\":' .. ids[i] .."
+            " ',\"to_user_id\":' .. ids[j] .. ',\"amount\":1}')"
+        )
+        prelude = f"local ids = {{{ids}}}\n"
+    else:
+        body = (
+            "n = n + 1\n"
+            '  return wrk.format(nil, nil, nil, \'{"name":"W","email":"w\' .. prefix .. "-" .. n'
+            " .. '@x.io\"}')"
+        )
+        prelude = f'local prefix = "{script.stem}"\nlocal n = 0\n'
     script.write_text(
         'wrk.method = "POST"\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
-        f'local prefix = "{script.stem}"\n'
-        "local n = 0\n"
-        "request = function()\n"
-        "  n = n + 1\n"
-        '  return wrk.format(nil, nil, nil, \'{"name":"W","email":"w\' .. prefix .. "-" .. n'
-        " .. '@x.io\"}')\n"
-        "end\n"
+        f"{prelude}"
+        f"request = function()\n  {body}\nend\n"
     )
     return ["-s", str(script)]
 
@@ -382,35 +451,70 @@ def memory(service: Served, user_ids: list[int]) -> dict[str, float]:
     }
 
 
-def cold_start(env: dict[str, str], connector_env: dict[str, str]) -> dict[str, dict[str, float]]:
-    """Median of 5 fresh processes: load the entry point, then serve the first request.
-
-    The connector case reaches the same database through the real Cloud SQL Python Connector
-    and the stand-in of Google's side (token, Admin API, TLS proxy) from the test suite: its
-    first request includes the connector's import, its key pair, the access token, the
-    instance's settings, the ephemeral certificate and the TLS handshake.
-    """
+def cold_start(env: dict[str, str], connector_env: dict[str, str], user_id: int) -> dict[str, Any]:
+    """Spawn to the first 200 (``bench/coldstart.py``), on the direct path and through the real
+    Cloud SQL Python Connector against the stand-in of Google's side (token, Admin API, TLS
+    proxy), whose first request includes the connector's import, its key pair, the access
+    token, the instance's settings, the ephemeral certificate and the TLS handshake; and where
+    the import time goes (``python -X importtime``)."""
+    read = f"/users/{user_id}"
     cases = {
-        "service (api, PostgreSQL, DATABASE_URL)": ("api", ROOT / "main.py", "/healthz", env),
-        "service (api, Cloud SQL connector)": ("api", ROOT / "main.py", "/healthz", connector_env),
-        "hello world": ("hello", BENCH / "hello.py", "/", {}),
+        "service": Case("api", ROOT / "main.py", read, env),
+        "google_sample": Case("google_sample", BENCH / "sample.py", read, env),
+        "hello": Case("hello", BENCH / "hello.py", "/", {}),
+        "service, connector": Case("api", ROOT / "main.py", read, connector_env),
+        "google_sample, connector": Case("google_sample", BENCH / "sample.py", read, connector_env),
     }
-    base = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "LOG_LEVEL")}
-    report = {}
-    for name, (target, source, path, case_env) in cases.items():
-        runs = []
-        for _ in range(5):
-            output = subprocess.run(
-                [sys.executable, str(BENCH / "coldstart.py"), target, str(source), path],
-                cwd=ROOT, env={**base, **case_env, "LOG_LEVEL": "WARNING"},
-                capture_output=True, text=True, check=True, timeout=120,
-            ).stdout  # fmt: skip
-            runs.append(json.loads(output.strip().splitlines()[-1]))
-        report[name] = {
-            key: statistics.median(run[key] for run in runs) * 1000
-            for key in ("load_s", "first_request_s", "second_request_s")
-        }
+    report: dict[str, Any] = coldstart.compare(cases, rounds=COLD_START_ROUNDS)
+    median = {name: figures["median_ms"] for name, figures in report.items()}
+    report["service / google_sample"] = median["service"] / median["google_sample"]
+    report["service / google_sample, connector"] = (
+        median["service, connector"] / median["google_sample, connector"]
+    )
+    report["imports_ms"] = {
+        module: coldstart.import_profile(module, env)
+        for module in ("main", "bench.sample", "google.cloud.sql.connector")
+    }
     return report
+
+
+def first_request_memory(env: dict[str, str], user_id: int) -> dict[str, float]:
+    """Resident size of a fresh instance's worker after its first request, in MB."""
+    cases = {
+        "service": Served("rss-service", "api", ROOT / "main.py", env),
+        "google_sample": Served("rss-sample", "google_sample", BENCH / "sample.py", env),
+        "hello": Served("rss-hello", "hello", BENCH / "hello.py", {}),
+    }
+    report = {}
+    for name, server in cases.items():
+        with serving({name: server}):
+            status, _ = Client(server.port).send(
+                "GET", "/" if name == "hello" else f"/users/{user_id}"
+            )
+            assert status == 200, (name, status)
+            text_ = Path(f"/proc/{server.worker_pid()}/status").read_text()
+            report[name] = int(re.search(r"VmRSS:\s+(\d+)", text_)[1]) / 1024  # type: ignore[index]
+    return report
+
+
+def post_runs(servers: dict[str, Served], request: Request, runs: int = 10) -> dict[str, Any]:
+    """``POST /users`` p50 of the service against the sample's, ``runs`` times over, each run
+    in interleaved rounds: the ratios and their spread."""
+    pair = {name: servers[name] for name in ("service", "google_sample")}
+    ratios, service_ms, sample_ms = [], [], []
+    for _ in range(runs):
+        measured = single_client(pair, {"POST /users": request})["POST /users"]
+        service_ms.append(measured["service"]["p50_ms"])
+        sample_ms.append(measured["google_sample"]["p50_ms"])
+        ratios.append(service_ms[-1] / sample_ms[-1])
+    return {
+        "ratios": ratios,
+        "ratio_min": min(ratios),
+        "ratio_median": statistics.median(ratios),
+        "ratio_max": max(ratios),
+        "service_p50_ms": service_ms,
+        "google_sample_p50_ms": sample_ms,
+    }
 
 
 @contextlib.contextmanager
@@ -468,13 +572,19 @@ def main(argv: list[str] | None = None) -> None:
         delayed = url.set(port=proxy.port)
 
         counter = iter(range(10**9))
+
+        def post_user(_: int) -> tuple[str, str, Any]:
+            return "POST", "/users", {"name": "B", "email": f"b{next(counter)}@example.com"}
+
         requests: dict[str, Request] = {
             "GET /users/{id}": lambda n: ("GET", f"/users/{user_id}", None),
-            "POST /users": lambda n: (
-                "POST", "/users", {"name": "B", "email": f"b{next(counter)}@example.com"}
-            ),
-        }  # fmt: skip
-        paths = {"GET /users/{id}": f"/users/{user_id}", "POST /users": "/users"}
+            "POST /users": post_user,
+        }
+        paths = {
+            "GET /users/{id}": f"/users/{user_id}",
+            "POST /users": "/users",
+            "POST /transfers": "/transfers",
+        }
         report: dict[str, Any] = {}
         atexit.register(lambda: print(json.dumps(report, indent=2)))
         for network, target in (("1 ms round trip", delayed), ("loopback", url)):
@@ -485,9 +595,14 @@ def main(argv: list[str] | None = None) -> None:
                 }
                 if latency_only:
                     return
+                if network == "1 ms round trip":
+                    report[network]["POST /users, 10 runs"] = post_runs(
+                        servers, post_user, POST_RUNS
+                    )
                 report[network]["saturated"] = saturated(
-                    {name: servers[name] for name in ("service", "google_sample", "hello")}, paths
-                )
+                    {name: servers[name] for name in ("service", "google_sample", "hello")},
+                    paths, url, user_ids,
+                )  # fmt: skip
                 if network == "loopback":
                     report["bulk_insert_1000"] = bulk_insert(servers["service"], url, user_id)
                     report["connections_under_load"] = connections_under_load(
@@ -497,8 +612,9 @@ def main(argv: list[str] | None = None) -> None:
         env = {"DATABASE_URL": url.render_as_string(hide_password=False)}
         with serving({"memory": Served("memory", "api", ROOT / "main.py", env)}) as servers:
             report["memory"] = memory(servers["memory"], user_ids)
+        report["memory_after_first_request_mb"] = first_request_memory(env, user_id)
         with cloud_sql_stand_in(server, server.root) as connector_env:
-            report["cold_start_ms"] = cold_start(env, connector_env)
+            report["cold_start"] = cold_start(env, connector_env, user_id)
     finally:
         proxy.stop()
         server.destroy()
