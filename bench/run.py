@@ -51,6 +51,7 @@ ROUNDS = 5
 ROUND_SECONDS = 1.5
 ROUND_REQUESTS = 3000
 SATURATED_ROUNDS = 3
+SATURATED = ("service", "google_sample", "hello", "raw_floor")
 COLD_START_ROUNDS = 5
 POST_RUNS = 10
 DELAY_MS = 0.5  # each way: a 1 ms round trip, as from a function to Cloud SQL
@@ -164,11 +165,16 @@ def single_client(servers: dict[str, Served], requests: dict[str, Request]) -> d
     """Throughput and p50/p99 of one sequential client, in interleaved rounds."""
     report: dict[str, Any] = {}
     for label, request in requests.items():
-        for server in servers.values():
+        serving_it = {
+            name: server
+            for name, server in servers.items()
+            if not (label.startswith("POST") and name == "raw_floor")  # it only reads
+        }
+        for server in serving_it.values():
             _load(server.port, request, 0.3, 200)  # warm up: engine, pool, caches
-        per_server: dict[str, list[float]] = {name: [] for name in servers}
+        per_server: dict[str, list[float]] = {name: [] for name in serving_it}
         for _ in range(ROUNDS):
-            for name, server in servers.items():
+            for name, server in serving_it.items():
                 per_server[name] += _load(server.port, request, ROUND_SECONDS, ROUND_REQUESTS)
         report[label] = {
             name: {
@@ -209,7 +215,7 @@ def saturated(
             script = functools.partial(_wrk_script, label, Path(folder), user_ids)
             for _ in range(SATURATED_ROUNDS):
                 for name, server in servers.items():
-                    if label.startswith("POST") and name == "hello":
+                    if label.startswith("POST") and name in ("hello", "raw_floor"):
                         continue
                     if label.startswith("POST /transfers") and name != "service":
                         continue  # the sample pattern has no transfers
@@ -537,6 +543,7 @@ def _variants(url: URL) -> dict[str, Served]:
     env = {"DATABASE_URL": url.render_as_string(hide_password=False)}
     servers = {name: Served(name, *where, env) for name, where in VARIANTS.items()}
     servers["hello"] = Served("hello", "hello", BENCH / "hello.py", {})
+    servers["raw_floor"] = Served("raw_floor", "raw_floor", BENCH / "floor.py", env)
     return servers
 
 
@@ -600,7 +607,7 @@ def main(argv: list[str] | None = None) -> None:
                         servers, post_user, POST_RUNS
                     )
                 report[network]["saturated"] = saturated(
-                    {name: servers[name] for name in ("service", "google_sample", "hello")},
+                    {name: servers[name] for name in SATURATED},
                     paths, url, user_ids,
                 )  # fmt: skip
                 if network == "loopback":
