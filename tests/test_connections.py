@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import struct
@@ -212,15 +213,21 @@ def test_a_read_waits_for_one_round_trip_and_a_write_for_two(
     assert write == {"writes": 2, "round_trips": 2}
 
 
+@contextlib.contextmanager
+def pooled_connection(instance: Instance) -> Iterator[Any]:
+    """One of the instance's own pg8000 connections, tuned as the service's are."""
+    with instance.database.engine.connect() as connection:
+        raw = connection.connection.dbapi_connection
+        assert raw is not None
+        yield raw
+
+
 def test_row_descriptions_are_decoded_once_and_follow_a_new_conversion(
     pg: Engine, instances: Callable[..., Instance]
 ) -> None:
     """The same statement's row description is decoded once per connection; registering
     another conversion for a type takes effect on the next statement all the same."""
-    engine = instances().database.engine
-    with engine.connect() as connection:
-        raw = connection.connection.dbapi_connection
-        assert raw is not None
+    with pooled_connection(instances()) as raw:
         cursor = raw.cursor()
         known = len(raw.tuned.row_descriptions)
         for _ in range(3):
@@ -239,12 +246,10 @@ def test_executemany_sends_every_parameter_set_in_one_round_trip(
 ) -> None:
     """The ORM updates a transfer's two balances with one executemany: one round trip, and
     the row count of all its statements, as pg8000 counts it."""
-    client = instances().client
+    instance = instances()
+    client = instance.client
     ids = [client.post("/users", json={"name": n, "email": f"{n}@x.io"}).json["id"] for n in "abc"]
-    engine = instances().database.engine
-    with engine.connect() as connection:
-        raw = connection.connection.dbapi_connection
-        assert raw is not None
+    with pooled_connection(instance) as raw:
         cursor = raw.cursor()
         cursor.execute("SELECT 1 WHERE 1 = %s", (1,))  # the transaction has begun
         with counting_round_trips() as counts:
@@ -263,12 +268,9 @@ def test_executemany_stops_at_the_first_failing_set_and_keeps_the_connection_in_
     pg: Engine, instances: Callable[..., Instance]
 ) -> None:
     """A failing set raises; the transaction applies none of the sets; the connection works."""
-    client = instances().client
-    user = client.post("/users", json={"name": "A", "email": "a@x.io"}).json["id"]
-    engine = instances().database.engine
-    with engine.connect() as connection:
-        raw = connection.connection.dbapi_connection
-        assert raw is not None
+    instance = instances()
+    user = instance.client.post("/users", json={"name": "A", "email": "a@x.io"}).json["id"]
+    with pooled_connection(instance) as raw:
         cursor = raw.cursor()
         with pytest.raises(pg8000.dbapi.DatabaseError):
             cursor.executemany(
@@ -292,10 +294,7 @@ def test_statement_refused_at_any_protocol_step_leaves_the_connection_in_step(
     pg: Engine, instances: Callable[..., Instance], statement: str, params: tuple[object, ...]
 ) -> None:
     """After an error from any message of the one-write statement, the same connection works."""
-    engine = instances().database.engine
-    with engine.connect() as connection:
-        raw = connection.connection.dbapi_connection
-        assert raw is not None
+    with pooled_connection(instances()) as raw:
         cursor = raw.cursor()
         with pytest.raises(pg8000.dbapi.DatabaseError):
             cursor.execute(statement, params)
