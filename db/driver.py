@@ -29,8 +29,8 @@ connection an engine opens, and on no other connection:
   place, and the buffer advanced once for all of them; a message larger than the buffer still
   goes pg8000's way.
 - Its ``executemany`` runs one statement per parameter set, each waited for: the ORM's update
-  of a transfer's two balances took two round trips. Here all sets go in one write, with one
-  Sync.
+  of a transfer's two balances took two round trips. Here the sets go in one write, with one
+  Sync (in groups of 50).
 - It decodes each answer's row description (column names and types) anew, though the same
   statement always gets the same one; here each connection keeps the last few it decoded.
 - It leaves Nagle's algorithm on: a message that overflows its write buffer waits for the
@@ -392,25 +392,42 @@ class _Tuned:
 
 
 class _Cursor(pg8000.legacy.Cursor):  # type: ignore[misc]
-    """A cursor whose ``executemany`` sends every parameter set in one write, with one Sync:
-    one round trip for all (pg8000 waits for each). The server stops at the first error and
-    skips the rest; the row count is the sum, as pg8000's."""
+    """A cursor whose ``executemany`` sends the parameter sets together, up to
+    ``SETS_PER_WRITE`` in one write with one Sync: one round trip for each such group (pg8000
+    waits for each set). The server stops at the first error and skips the rest; the row count
+    is the sum, as pg8000's.
+
+    The groups are bounded because nothing is read until a group is written: the answers of an
+    unbounded one could fill the socket's buffers both ways and leave client and server each
+    waiting for the other.
+    """
+
+    SETS_PER_WRITE = 50
 
     def executemany(self, operation: str, param_sets: Any) -> Any:
         sets = list(param_sets)
         if len(sets) < 2 or any(len(values) == 0 for values in sets):
             return super().executemany(operation, sets)  # no parameters: the simple protocol
         tuned = self._c.tuned
-        # The statement text is the same for every set; pg8000's execute sends the first set,
-        # and the tuned execute_unnamed adds the others behind it.
-        tuned.more_parameter_sets = [
-            _dispatch_convert_paramstyle(self.paramstyle, operation, values)[1]
-            for values in sets[1:]
-        ]
-        try:
-            self.execute(operation, sets[0])
-        finally:
-            tuned.more_parameter_sets = []
+        row_count = 0
+        for start in range(0, len(sets), self.SETS_PER_WRITE):
+            group = sets[start : start + self.SETS_PER_WRITE]
+            # The statement text is the same for every set; pg8000's execute sends the first
+            # set, and the tuned execute_unnamed adds the others behind it.
+            tuned.more_parameter_sets = [
+                _dispatch_convert_paramstyle(self.paramstyle, operation, values)[1]
+                for values in group[1:]
+            ]
+            try:
+                self.execute(operation, group[0])
+            finally:
+                tuned.more_parameter_sets = []
+            row_count = (
+                -1
+                if -1 in (row_count, self._context.row_count)
+                else (row_count + self._context.row_count)
+            )
+        self._context.row_count = row_count
         return self
 
 

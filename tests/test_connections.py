@@ -264,6 +264,27 @@ def test_executemany_sends_every_parameter_set_in_one_round_trip(
     assert [client.get(f"/users/{i}").json["balance"] for i in ids] == [7, 8, 9]
 
 
+def test_executemany_sends_large_batches_in_bounded_groups(
+    pg: Engine, instances: Callable[..., Instance]
+) -> None:
+    """Answers are read after each group of SETS_PER_WRITE sets, so they never pile up in the
+    socket's buffers; the row count is that of every set."""
+    instance = instances()
+    user = instance.client.post("/users", json={"name": "A", "email": "a@x.io"}).json["id"]
+    per_write = driver._Cursor.SETS_PER_WRITE
+    sets = [(balance, user) for balance in range(2 * per_write + 1)]
+    with pooled_connection(instance) as raw:
+        cursor = raw.cursor()
+        cursor.execute("SELECT 1 WHERE 1 = %s", (1,))  # the transaction has begun
+        with counting_round_trips() as counts:
+            cursor.executemany("UPDATE users SET balance = %s WHERE id = %s", sets)
+        assert cursor.rowcount == len(sets)
+        raw.commit()
+
+    assert counts == {"writes": 3, "round_trips": 3}
+    assert instance.client.get(f"/users/{user}").json["balance"] == 2 * per_write
+
+
 def test_executemany_stops_at_the_first_failing_set_and_keeps_the_connection_in_step(
     pg: Engine, instances: Callable[..., Instance]
 ) -> None:
