@@ -8,10 +8,10 @@ A body's shape is a ``TypedDict`` whose fields carry their rules in ``Annotated`
         note: NotRequired[Annotated[str, Text(500)]]
 
 ``body_validator(NewTransfer)`` reads the rules once, when the module declaring the schema
-loads, and checks a parsed JSON body strictly: JSON ``true`` and ``1.0`` are not integers,
-nothing is converted, a field the schema does not name is an error, and every failing value
-is reported with its location (``["items", 3, "quantity"]``). The checks are plain Python:
-bodies this small need no validation library, and none is loaded at a cold start.
+loads, and checks a parsed JSON body strictly: JSON ``true`` and ``1.0`` are not integers, no
+value is coerced to another type, a field the schema does not name is an error, and every
+failing value is reported with its location (``["items", 3, "quantity"]``). The checks are
+plain Python: bodies this small need no validation library, and none is loaded at a cold start.
 """
 
 from __future__ import annotations
