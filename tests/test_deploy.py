@@ -25,6 +25,7 @@ from sqlalchemy.pool import NullPool
 
 from dev.pgbouncer import PgBouncer
 from dev.postgres import PostgresServer, free_port
+from ops.deploy import Options, Settings, holdings
 from tests.conftest import ROOT
 from tests.deploying import (
     GCLOUD,
@@ -491,3 +492,27 @@ def test_migrate_reads_the_database_url_from_secret_manager(
     assert {"users", "items", "transfers"} <= set(inspect(migrated).get_table_names())
     migrated.dispose()
     assert str(url.password) not in result.stdout + result.stderr
+
+
+def test_holdings_count_only_the_functions_on_the_same_database() -> None:
+    """What each deployed function may hold: its most instances times its pool and overflow,
+    for those reaching the same instance (or DATABASE_URL secret) only."""
+
+    def deployed(name: str, instance: str, **config: object) -> dict[str, object]:
+        env = {"INSTANCE_CONNECTION_NAME": instance, "DB_POOL_SIZE": "4", "DB_MAX_OVERFLOW": "1"}
+        return {
+            "name": f"projects/p/locations/europe-west1/functions/{name}",
+            "serviceConfig": {"environmentVariables": env, "maxInstanceCount": 3, **config},
+        }
+
+    listing = [deployed("api", "p:r:main"), deployed("other", "p:r:elsewhere")]
+
+    assert holdings(listing, "instance:p:r:main") == [("api", "europe-west1", 3, 5)]
+
+
+def test_an_empty_setting_counts_as_unset() -> None:
+    """As the shell's ${NAME:-default}: CONCURRENCY="" takes the default, REGION="" is missing."""
+    settings = Settings({**SETTINGS, "CONCURRENCY": "", "REGION": ""}, ["api"], Options())
+
+    assert settings.get("CONCURRENCY") == "8"
+    assert "REGION is not set" in settings.problems

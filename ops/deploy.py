@@ -1,0 +1,496 @@
+"""What ``deploy.sh`` does: check the settings, share the connection budget, migrate, deploy.
+
+``deploy.sh`` documents the arguments and settings and runs this module with the project's
+Python (``python -m ops.deploy``). Every problem with the settings is reported, one line each,
+before any command runs; each command is printed (``+ gcloud ...``) before it runs, and
+``--dry-run`` prints them only. A password is never read from the environment, never passed
+as a plain variable and never printed: a secret's value is fetched with gcloud and reaches
+only the migration's environment.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD_FILE = "/etc/secrets/db-pass"  # noqa: S105  # where the secret is mounted
+_INSTANCE_CONNECTION_NAME = re.compile(r"^([a-z0-9.-]+:)?[a-z0-9-]+:[a-z0-9-]+:[a-z0-9-]+$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
+_DEFAULTS = {
+    "DB_IAM_AUTH": "false",
+    "DB_IP_TYPE": "PUBLIC",
+    "CONCURRENCY": "8",
+    "DB_MAX_OVERFLOW": "0",
+    "CPU": "1",
+    "MEMORY": "512Mi",
+    "TIMEOUT": "60s",
+    "RUNTIME": "python312",
+    "LOG_LEVEL": "INFO",
+    "DB_MAX_CONNECTIONS": "100",
+    "DB_RESERVED_CONNECTIONS": "10",
+    "DB_OWNER_IAM_AUTH": "false",
+}
+
+
+class Refused(Exception):
+    """The deploy stops before running anything: one line per problem, exit status 2."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    """A function of main.py: ``topic`` for an event function, None for an HTTP one."""
+
+    name: str
+    topic: str | None = None
+
+
+def entry_points(source: Path) -> list[EntryPoint]:
+    """The functions ``source`` (main.py) registers, read without importing anything."""
+    found = []
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        decorators = [ast.unparse(decorator) for decorator in node.decorator_list]
+        if "functions_framework.http" in decorators:
+            found.append(EntryPoint(node.name))
+        elif "functions_framework.cloud_event" in decorators:
+            topics = [
+                keyword.value.value
+                for decorator in node.decorator_list
+                if isinstance(decorator, ast.Call)
+                for keyword in decorator.keywords
+                if keyword.arg == "topic" and isinstance(keyword.value, ast.Constant)
+            ]
+            if len(topics) != 1:
+                raise Refused(
+                    f"main.py: {node.name} needs event_scope(..., topic='NAME') to be deployed"
+                )
+            found.append(EntryPoint(node.name, str(topics[0])))
+    if not found:
+        raise Refused("main.py has no @functions_framework.http or .cloud_event function")
+    return found
+
+
+@dataclass
+class Options:
+    """The command line: what to deploy and how."""
+
+    dry_run: bool = False
+    migrate: bool = False
+    access: str = "--no-allow-unauthenticated"
+    chosen: list[str] = field(default_factory=list)
+
+
+def parse_arguments(args: Sequence[str], names: Sequence[str]) -> Options:
+    """The options and functions named on the command line; ``Refused`` for a bad one."""
+    options = Options()
+    for argument in args:
+        if argument == "--dry-run":
+            options.dry_run = True
+        elif argument == "--migrate":
+            options.migrate = True
+        elif argument == "--allow-unauthenticated":
+            options.access = "--allow-unauthenticated"
+        elif argument.startswith("-"):
+            raise Refused(f"unknown option {argument} (see --help)")
+        elif argument not in names:
+            raise Refused(f"unknown function '{argument}'; main.py has: {' '.join(names)}")
+        elif argument in options.chosen:
+            raise Refused(f"{argument} is named twice")
+        else:
+            options.chosen.append(argument)
+    return options
+
+
+class Settings:
+    """The settings from the environment, with their defaults; ``problems`` lists what is wrong."""
+
+    def __init__(self, environ: Mapping[str, str], names: Sequence[str], options: Options):
+        # As the shell's ${NAME:-default}: an empty value counts as unset.
+        self.given = {name: value for name, value in environ.items() if value}
+        self.values = {**_DEFAULTS, **self.given}
+        self.values.setdefault("TRIGGER_SERVICE_ACCOUNT", self.get("SERVICE_ACCOUNT"))
+        self.mode = "url" if self.get("DATABASE_URL_SECRET") else "connector"
+        self.fleet = self.get("FUNCTIONS", " ".join(names)).replace(",", " ").split()
+        self.problems: list[str] = []
+        self._check(names, options)
+
+    def get(self, name: str, default: str = "") -> str:
+        return self.values.get(name, default)
+
+    def number(self, name: str) -> int:
+        return int(self.get(name))
+
+    def _check(self, names: Sequence[str], options: Options) -> None:
+        self._check_database()
+        self._check_fleet(names, options)
+        self._check_accounts()
+        self._check_password()
+        if options.migrate:
+            self._check_migration()
+        self._check_values()
+
+    def _check_database(self) -> None:
+        problem = self.problems.append
+        if self.mode == "url":
+            for name in ("INSTANCE_CONNECTION_NAME", "DB_NAME", "DB_USER", "DB_PASS_SECRET",
+                         "DB_IAM_AUTH", "DB_IP_TYPE", "DB_OWNER", "DB_OWNER_PASS_SECRET",
+                         "DB_OWNER_IAM_AUTH"):  # fmt: skip
+                if name in self.given:
+                    problem(f"{name} has no use with DATABASE_URL_SECRET; set one or the other")
+        else:
+            for name in ("INSTANCE_CONNECTION_NAME", "DB_NAME", "DB_USER"):
+                if not self.get(name):
+                    problem(f"{name} is not set (or set DATABASE_URL_SECRET)")
+        instance = self.get("INSTANCE_CONNECTION_NAME")
+        if instance and not _INSTANCE_CONNECTION_NAME.match(instance):
+            problem(
+                f"INSTANCE_CONNECTION_NAME must look like project:region:instance, got '{instance}'"
+            )
+        ip_type = self.get("DB_IP_TYPE")
+        if ip_type in ("PRIVATE", "PSC"):
+            if not self.get("VPC_CONNECTOR"):
+                problem(
+                    f"DB_IP_TYPE={ip_type} needs VPC_CONNECTOR: a function reaches the VPC"
+                    " only through one"
+                )
+        elif ip_type != "PUBLIC":
+            problem(f"DB_IP_TYPE must be PUBLIC, PRIVATE or PSC, got '{ip_type}'")
+
+    def _check_fleet(self, names: Sequence[str], options: Options) -> None:
+        problem = self.problems.append
+        if not self.fleet:
+            problem("FUNCTIONS names no function")
+        seen: list[str] = []
+        for name in self.fleet:
+            if name not in names:
+                problem(f"FUNCTIONS names '{name}', which is not an entry point of main.py")
+            if name in seen:
+                problem(f"FUNCTIONS names '{name}' twice")
+            seen.append(name)
+        for name in options.chosen:
+            if name not in self.fleet:
+                problem(
+                    f"{name} is not in FUNCTIONS ({' '.join(self.fleet)}), whose share of"
+                    " connections it would take"
+                )
+
+    def _check_accounts(self) -> None:
+        for name in ("PROJECT_ID", "REGION", "SERVICE_ACCOUNT"):
+            if not self.get(name):
+                self.problems.append(f"{name} is not set")
+        for name in ("SERVICE_ACCOUNT", "BUILD_SERVICE_ACCOUNT", "TRIGGER_SERVICE_ACCOUNT"):
+            value = self.get(name)
+            if value and not _EMAIL.match(value):
+                self.problems.append(f"{name} must be a service account email, got '{value}'")
+
+    def _check_password(self) -> None:
+        if self.mode != "connector":
+            return
+        iam = self.get("DB_IAM_AUTH")
+        if iam == "true" and self.get("DB_PASS_SECRET"):
+            self.problems.append("DB_PASS_SECRET must not be set when DB_IAM_AUTH=true")
+        elif iam == "false" and not self.get("DB_PASS_SECRET"):
+            self.problems.append("DB_PASS_SECRET is not set (or set DB_IAM_AUTH=true)")
+        elif iam not in ("true", "false"):
+            self.problems.append(f"DB_IAM_AUTH must be true or false, got '{iam}'")
+
+    def _check_migration(self) -> None:
+        problem = self.problems.append
+        if self.mode == "url":
+            if not self.get("MIGRATION_DATABASE_URL_SECRET"):
+                problem(
+                    "--migrate needs MIGRATION_DATABASE_URL_SECRET: the schema owner's"
+                    " DATABASE_URL, not the functions'"
+                )
+            return
+        owner = self.get("DB_OWNER")
+        if not owner:
+            problem(
+                "--migrate needs DB_OWNER: the database user that owns the schema, not the"
+                " functions' DB_USER"
+            )
+        elif owner == self.get("DB_USER"):
+            problem(
+                "DB_OWNER must not be DB_USER: the functions must not own the tables they serve"
+            )
+        owner_iam = self.get("DB_OWNER_IAM_AUTH")
+        if owner_iam == "true" and self.get("DB_OWNER_PASS_SECRET"):
+            problem("DB_OWNER_PASS_SECRET must not be set when DB_OWNER_IAM_AUTH=true")
+        elif owner_iam == "false" and not self.get("DB_OWNER_PASS_SECRET"):
+            problem("--migrate needs DB_OWNER_PASS_SECRET (or DB_OWNER_IAM_AUTH=true)")
+        elif owner_iam not in ("true", "false"):
+            problem(f"DB_OWNER_IAM_AUTH must be true or false, got '{owner_iam}'")
+
+    def _check_values(self) -> None:
+        problem = self.problems.append
+        level = self.get("LOG_LEVEL")
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            problem(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got '{level}'")
+        for name, least in (("CONCURRENCY", 1), ("DB_MAX_OVERFLOW", 0),
+                            ("DB_MAX_CONNECTIONS", 1), ("DB_RESERVED_CONNECTIONS", 0)):  # fmt: skip
+            value = self.get(name)
+            if not (value.isascii() and value.isdigit() and int(value) >= least):
+                problem(f"{name} must be a whole number of at least {least}, got '{value}'")
+        cpu = self.get("CPU")
+        if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", cpu):
+            problem(f"CPU must be a number of vCPUs, got '{cpu}'")
+        if cpu.startswith("0") and self.get("CONCURRENCY") != "1":
+            problem(f"CONCURRENCY above 1 needs CPU of at least 1, got CPU={cpu}")
+
+
+def show(command: Sequence[str]) -> None:
+    """Print a command as it will run."""
+    print("+", shlex.join(command), flush=True)
+
+
+def secret_ref(secret: str) -> str:
+    """A secret named NAME or NAME:VERSION, as NAME:VERSION (the latest version by default)."""
+    return secret if ":" in secret else f"{secret}:latest"
+
+
+class Deployer:
+    """One run of deploy.sh: the settings checked, then each step printed and (unless
+    ``--dry-run``) run."""
+
+    def __init__(self, settings: Settings, options: Options, topics: Mapping[str, str | None]):
+        self.settings = settings
+        self.options = options
+        self.topics = topics
+        self.chosen = options.chosen or list(settings.fleet)
+        self.per_instance = settings.number("CONCURRENCY") + settings.number("DB_MAX_OVERFLOW")
+        self.budget = settings.number("DB_MAX_CONNECTIONS") - settings.number(
+            "DB_RESERVED_CONNECTIONS"
+        )
+        self.max_instances = self.budget // self.per_instance // len(settings.fleet)
+        # A password in the deployer's shell must not reach gcloud or the functions by accident.
+        self.environ = {k: v for k, v in os.environ.items() if k != "DB_PASS"}
+
+    def run(self) -> None:
+        s = self.settings
+        print(
+            f"connection budget: ({s.get('DB_MAX_CONNECTIONS')} max_connections -"
+            f" {s.get('DB_RESERVED_CONNECTIONS')} reserved) / ({s.get('CONCURRENCY')} pool +"
+            f" {s.get('DB_MAX_OVERFLOW')} overflow per instance) / {len(s.fleet)} functions ="
+            f" --max-instances={self.max_instances} per function",
+            flush=True,
+        )
+        if self.max_instances < 1:
+            raise Refused(
+                "the connection budget allows no instance; raise DB_MAX_CONNECTIONS or lower"
+                " CONCURRENCY"
+            )
+        self.check_deployed()
+        if self.options.migrate:
+            self.migrate()
+        for name in self.chosen:
+            self.execute(self.deploy_command(name))
+
+    def execute(self, command: Sequence[str], **env: str) -> str:
+        """Print the command and, unless it is a dry run, run it; its output."""
+        show(command)
+        if self.options.dry_run:
+            return ""
+        return self.capture(command, **env, quiet=False)
+
+    def capture(self, command: Sequence[str], *, quiet: bool = True, **env: str) -> str:
+        completed = subprocess.run(  # noqa: S603  # gcloud and this Python, arguments built here
+            list(command), env={**self.environ, **env}, check=False, text=True,
+            stdout=subprocess.PIPE if quiet else None,
+        )  # fmt: skip
+        if completed.returncode != 0:
+            raise SystemExit(completed.returncode)
+        return completed.stdout or ""
+
+    def check_deployed(self) -> None:
+        """Functions deployed earlier keep their --max-instances until redeployed: count what
+        those already on this database (the same INSTANCE_CONNECTION_NAME, or the same
+        DATABASE_URL secret) may hold, beside what this deploy gives."""
+        s = self.settings
+        if s.mode == "url":
+            secret = s.get("DATABASE_URL_SECRET").split(":")[0]
+            database, shared_by = f"the database of secret {secret}", f"secret:{secret}"
+        else:
+            database = s.get("INSTANCE_CONNECTION_NAME")
+            shared_by = f"instance:{database}"
+        listing = ["gcloud", "functions", "list", f"--project={s.get('PROJECT_ID')}",
+                   "--format=json"]  # fmt: skip
+        show(listing)
+        held, holders = 0, []
+        if not self.options.dry_run:
+            for name, region, most, each in holdings(json.loads(self.capture(listing)), shared_by):
+                if region == s.get("REGION") and name in self.chosen:
+                    continue  # replaced by this deploy
+                held += most * each
+                holders.append(f"{name} in {region} ({most} instances x {each})")
+        planned = len(self.chosen) * self.max_instances * self.per_instance
+        if held + planned > self.budget:
+            raise Refused(
+                f"functions already deployed on {database} may hold {held} connections:",
+                *(f"  {holder}" for holder in holders),
+                f"with the {planned} of this deploy that passes the budget of {self.budget};",
+                "deploy them too (they must be in FUNCTIONS), or delete those no longer used",
+            )
+
+    def fetch_secret(self, secret: str) -> list[str]:
+        """The gcloud command that prints a secret's value."""
+        name, version = secret_ref(secret).split(":", 1)
+        return ["gcloud", "secrets", "versions", "access", version, f"--secret={name}",
+                f"--project={self.settings.get('PROJECT_ID')}"]  # fmt: skip
+
+    def migrate(self) -> None:
+        """``python -m db upgrade`` as the schema's owner; the secret it needs is fetched and
+        handed to it alone, never printed."""
+        s = self.settings
+        upgrade = [sys.executable, "-m", "db", "upgrade"]
+        env: dict[str, str] = {}
+        if s.mode == "url":
+            print("migrating the schema as its owner, at the DATABASE_URL kept in Secret Manager")
+            fetch = self.fetch_secret(s.get("MIGRATION_DATABASE_URL_SECRET"))
+            show(fetch)
+            if not self.options.dry_run:
+                env["DATABASE_URL"] = self.capture(fetch).rstrip("\n")
+        else:
+            print(
+                f"migrating the schema as its owner {s.get('DB_OWNER')}, through the Cloud SQL"
+                " connector"
+            )
+            env = {
+                "INSTANCE_CONNECTION_NAME": s.get("INSTANCE_CONNECTION_NAME"),
+                "DB_USER": s.get("DB_OWNER"),
+                "DB_NAME": s.get("DB_NAME"),
+                "DB_IP_TYPE": s.get("DB_IP_TYPE"),
+                "DB_IAM_AUTH": s.get("DB_OWNER_IAM_AUTH"),
+            }
+            if s.get("DB_OWNER_IAM_AUTH") == "false":
+                fetch = self.fetch_secret(s.get("DB_OWNER_PASS_SECRET"))
+                show(fetch)
+                if not self.options.dry_run:
+                    env["DB_PASS"] = self.capture(fetch).rstrip("\n")
+        self.execute(upgrade, **env)
+
+    def env_vars(self) -> str:
+        s = self.settings
+        pool = s.get("CONCURRENCY")
+        shared = (
+            f"DB_POOL_SIZE={pool},DB_MAX_OVERFLOW={s.get('DB_MAX_OVERFLOW')},THREADS={pool}"
+            f",LOG_LEVEL={s.get('LOG_LEVEL')},GOOGLE_CLOUD_PROJECT={s.get('PROJECT_ID')}"
+        )
+        if s.mode == "url":
+            return shared
+        connector = (
+            f"INSTANCE_CONNECTION_NAME={s.get('INSTANCE_CONNECTION_NAME')}"
+            f",DB_USER={s.get('DB_USER')},DB_NAME={s.get('DB_NAME')}"
+            f",DB_IP_TYPE={s.get('DB_IP_TYPE')},DB_IAM_AUTH={s.get('DB_IAM_AUTH')},"
+        )
+        password = f",DB_PASS_FILE={PASSWORD_FILE}" if s.get("DB_IAM_AUTH") == "false" else ""
+        return connector + shared + password
+
+    def deploy_command(self, name: str) -> list[str]:
+        s = self.settings
+        command = [
+            *("gcloud", "functions", "deploy", name, "--gen2"),
+            f"--project={s.get('PROJECT_ID')}",
+            f"--region={s.get('REGION')}",
+            f"--runtime={s.get('RUNTIME')}",
+            "--source=.",
+            f"--entry-point={name}",
+        ]
+        topic = self.topics.get(name)
+        if topic:
+            # Without --retry a failed delivery is dropped; with it, redelivered for up to 24 h.
+            command += [
+                f"--trigger-topic={topic}",
+                "--retry",
+                f"--trigger-service-account={s.get('TRIGGER_SERVICE_ACCOUNT')}",
+            ]
+        else:
+            command += ["--trigger-http", self.options.access]
+        command += [
+            f"--service-account={s.get('SERVICE_ACCOUNT')}",
+            f"--set-env-vars={self.env_vars()}",
+            f"--concurrency={s.get('CONCURRENCY')}",
+            f"--cpu={s.get('CPU')}",
+            f"--memory={s.get('MEMORY')}",
+            f"--timeout={s.get('TIMEOUT')}",
+            f"--max-instances={self.max_instances}",
+            "--quiet",
+        ]
+        # Each deploy states every setting, so one that was dropped is removed, not left behind.
+        if s.mode == "url":
+            secret = secret_ref(s.get("DATABASE_URL_SECRET"))
+            command.append(f"--set-secrets=DATABASE_URL={secret}")
+        elif s.get("DB_IAM_AUTH") == "false":
+            # A file, read again at each access: a rotated password needs no redeploy.
+            secret = secret_ref(s.get("DB_PASS_SECRET"))
+            command.append(f"--set-secrets={PASSWORD_FILE}={secret}")
+        else:
+            command.append("--clear-secrets")
+        connector = s.get("VPC_CONNECTOR")
+        command.append(f"--vpc-connector={connector}" if connector else "--clear-vpc-connector")
+        build = s.get("BUILD_SERVICE_ACCOUNT")
+        if build:
+            command.append(
+                f"--build-service-account=projects/{s.get('PROJECT_ID')}/serviceAccounts/{build}"
+            )
+        return command
+
+
+def holdings(deployed: list[dict[str, object]], shared_by: str) -> list[tuple[str, str, int, int]]:
+    """Each function of ``deployed`` (``gcloud functions list``) on the same database:
+    its name, region, most instances and connections each."""
+    found = []
+    for function in deployed:
+        config: dict[str, object] = function.get("serviceConfig", {})  # type: ignore[assignment]
+        env: dict[str, str] = config.get("environmentVariables", {})  # type: ignore[assignment]
+        secrets = {
+            item.get("key"): item.get("secret")
+            for item in config.get("secretEnvironmentVariables", [])  # type: ignore[attr-defined]
+        }
+        if shared_by not in (
+            f"instance:{env.get('INSTANCE_CONNECTION_NAME')}",
+            f"secret:{secrets.get('DATABASE_URL')}",
+        ):
+            continue
+        pool = int(env.get("DB_POOL_SIZE") or config.get("maxInstanceRequestConcurrency") or 1)  # type: ignore[call-overload]
+        each = pool + int(env.get("DB_MAX_OVERFLOW") or 0)
+        region, name = str(function["name"]).split("/")[3::2]
+        found.append((name, region, int(config.get("maxInstanceCount", 100)), each))  # type: ignore[call-overload]
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """deploy.sh's logic; the exit status (2 for a problem with the settings or arguments)."""
+    try:
+        found = entry_points(ROOT / "main.py")
+        names = [entry.name for entry in found]
+        options = parse_arguments(sys.argv[1:] if argv is None else argv, names)
+        settings = Settings(os.environ, names, options)
+        if settings.problems:
+            raise Refused(*settings.problems)
+        if not options.dry_run and shutil.which("gcloud") is None:
+            raise Refused("gcloud is not on PATH; install the Google Cloud CLI")
+        Deployer(settings, options, {entry.name: entry.topic for entry in found}).run()
+    except Refused as refused:
+        for problem in refused.problems:
+            print(f"deploy.sh: {problem}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
