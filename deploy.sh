@@ -39,8 +39,6 @@
 # The logic lives in ops/deploy.py, tested by tests/test_deploy.py.
 set -euo pipefail
 cd "$(dirname "$0")"
-# A password in the deployer's shell must not reach gcloud or the functions by accident.
-unset DB_PASS
 
 for argument in "$@"; do
   if [[ $argument == -h || $argument == --help ]]; then

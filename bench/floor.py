@@ -9,16 +9,16 @@ and the HTTP stack cost on their own, below which no function built on them can 
 
 from __future__ import annotations
 
-import json
 import os
 import threading
-from datetime import UTC
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import flask
 import functions_framework
 import pg8000.native
+
+from bench.answers import answer, user
 
 _local = threading.local()
 _COLUMNS = ("id", "name", "email", "balance", "created_at", "updated_at")
@@ -42,13 +42,9 @@ def _statement() -> Any:
 
 
 @functions_framework.http
-def raw_floor(request: flask.Request) -> flask.Response:
+def pg8000_floor(request: flask.Request) -> flask.Response:
     """``GET /users/{id}`` in one prepared statement on the thread's own connection."""
     rows = _statement().run(id=int(request.path.rstrip("/").rsplit("/", 1)[-1]))
     if not rows:
-        return flask.Response('{"error":"not found"}', 404, content_type="application/json")
-    row = dict(zip(_COLUMNS, rows[0], strict=True))
-    for key in ("created_at", "updated_at"):
-        moment = row[key].astimezone(UTC).replace(tzinfo=None)
-        row[key] = moment.isoformat(timespec="microseconds") + "Z"
-    return flask.Response(json.dumps(row), content_type="application/json")
+        return answer(404, {"error": "not found"})
+    return answer(200, user(dict(zip(_COLUMNS, rows[0], strict=True))))

@@ -51,7 +51,7 @@ ROUNDS = 5
 ROUND_SECONDS = 1.5
 ROUND_REQUESTS = 3000
 SATURATED_ROUNDS = 3
-SATURATED = ("service", "google_sample", "hello", "raw_floor")
+SATURATED = ("service", "google_sample", "hello", "pg8000_floor")
 COLD_START_ROUNDS = 5
 POST_RUNS = 10
 DELAY_MS = 0.5  # each way: a 1 ms round trip, as from a function to Cloud SQL
@@ -168,7 +168,7 @@ def single_client(servers: dict[str, Served], requests: dict[str, Request]) -> d
         serving_it = {
             name: server
             for name, server in servers.items()
-            if not (label.startswith("POST") and name == "raw_floor")  # it only reads
+            if not (label.startswith("POST") and name == "pg8000_floor")  # it only reads
         }
         for server in serving_it.values():
             _load(server.port, request, 0.3, 200)  # warm up: engine, pool, caches
@@ -215,7 +215,7 @@ def saturated(
             script = functools.partial(_wrk_script, label, Path(folder), user_ids)
             for _ in range(SATURATED_ROUNDS):
                 for name, server in servers.items():
-                    if label.startswith("POST") and name in ("hello", "raw_floor"):
+                    if label.startswith("POST") and name in ("hello", "pg8000_floor"):
                         continue
                     if label.startswith("POST /transfers") and name != "service":
                         continue  # the sample pattern has no transfers
@@ -308,7 +308,7 @@ def _wrk_script(label: str, folder: Path, user_ids: list[int]) -> list[str]:
     return ["-s", str(script)]
 
 
-def raw_floor(url: URL, user_id: int) -> dict[str, float]:
+def raw_round_trip(url: URL, user_id: int) -> dict[str, float]:
     """One prepared SELECT over one stock pg8000 connection, in autocommit: one round trip."""
     connection = pg8000.native.Connection(
         url.username or "", password=url.password, host=url.host, port=url.port,
@@ -543,7 +543,7 @@ def _variants(url: URL) -> dict[str, Served]:
     env = {"DATABASE_URL": url.render_as_string(hide_password=False)}
     servers = {name: Served(name, *where, env) for name, where in VARIANTS.items()}
     servers["hello"] = Served("hello", "hello", BENCH / "hello.py", {})
-    servers["raw_floor"] = Served("raw_floor", "raw_floor", BENCH / "floor.py", env)
+    servers["pg8000_floor"] = Served("pg8000_floor", "pg8000_floor", BENCH / "floor.py", env)
     return servers
 
 
@@ -598,7 +598,7 @@ def main(argv: list[str] | None = None) -> None:
             with serving(_variants(target)) as servers:
                 report[network] = {
                     "single_client": single_client(servers, requests),
-                    "raw_pg8000_one_round_trip": raw_floor(target, user_id),
+                    "raw_pg8000_one_round_trip": raw_round_trip(target, user_id),
                 }
                 if latency_only:
                     return

@@ -12,14 +12,14 @@ every path, which this one leaves out: the comparison is with the pattern at its
 
 from __future__ import annotations
 
-import json
 import os
-from datetime import UTC
 from typing import Any
 
 import flask
 import functions_framework
 from sqlalchemy import Engine, create_engine, text
+
+from bench.answers import answer, user
 
 _engine: Engine | None = None
 _COLUMNS = "id, name, email, balance, created_at, updated_at"
@@ -50,18 +50,6 @@ def _connector(named: dict[str, str]) -> Any:
     )  # fmt: skip
 
 
-def _json(status: int, body: Any) -> flask.Response:
-    return flask.Response(json.dumps(body), status=status, content_type="application/json")
-
-
-def _row(row: Any) -> dict[str, Any]:
-    found = dict(row._mapping)
-    for key in ("created_at", "updated_at"):
-        moment = found[key].astimezone(UTC).replace(tzinfo=None)
-        found[key] = moment.isoformat(timespec="microseconds") + "Z"
-    return found
-
-
 @functions_framework.http
 def google_sample(request: flask.Request) -> flask.Response:
     """Users through a pooled Core connection per request."""
@@ -76,9 +64,11 @@ def google_sample(request: flask.Request) -> flask.Response:
                 {"name": fields["name"], "email": fields["email"].lower()},
             ).one()
             connection.commit()
-            return _json(201, _row(row))
+            return answer(201, user(dict(row._mapping)))
         user_id = int(request.path.rstrip("/").rsplit("/", 1)[-1])
         found = connection.execute(
             text(f"SELECT {_COLUMNS} FROM users WHERE id = :id"), {"id": user_id}
         ).one_or_none()
-        return _json(200, _row(found)) if found else _json(404, {"error": "not found"})
+        if found is None:
+            return answer(404, {"error": "not found"})
+        return answer(200, user(dict(found._mapping)))

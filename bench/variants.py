@@ -1,10 +1,10 @@
-"""The users handlers written the ways the field usually writes them, to compare against.
+"""The users handlers written the ways the field usually writes them, to compare against
+(Google's sample pattern, the first of them, is ``bench/sample.py``).
 
 Served by functions-framework next to the service itself, so that one benchmark run compares
 them on the same machine, database and HTTP stack. Each uses pg8000 as installed. Not
 deployable code: two of them are wrong on purpose.
 
-- ``google_sample``: the pattern of Google's Cloud SQL Python sample (``bench/sample.py``).
 - ``seeds_session``: a ``Session`` per request from a global ``sessionmaker``, closed in
   ``finally``, on SQLAlchemy's default pool.
 - ``global_session``: one module-level ``Session`` for every request on every thread: fast,
@@ -14,29 +14,21 @@ deployable code: two of them are wrong on purpose.
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
 
 import flask
 import functions_framework
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from bench.sample import google_sample
+from bench.answers import answer
 from db.config import load_settings
 from db.models import User, utcnow
 from web.representations import user as represent
 
-__all__ = ["engine_per_request", "global_session", "google_sample", "seeds_session"]
-
 _settings = load_settings()
 # Named like the service's connections, so the benchmark can count them on the server.
 _connect_args = {"application_name": os.environ.get("K_SERVICE", "bench")}
-
-
-def _json(status: int, body: Any) -> flask.Response:
-    return flask.Response(json.dumps(body), status=status, content_type="application/json")
 
 
 def _user_id(request: flask.Request) -> int:
@@ -78,12 +70,12 @@ def _handle(request: flask.Request, session: Session, *, commit_reads: bool) -> 
                     created_at=now, updated_at=now)  # fmt: skip
         session.add(user)
         session.commit()
-        return _json(201, represent(user))
+        return answer(201, represent(user))
     found = session.get(User, _user_id(request))
     body = represent(found) if found else {"error": "not found"}
     if commit_reads:
         session.commit()
-    return _json(200 if found else 404, body)
+    return answer(200 if found else 404, body)
 
 
 @functions_framework.http

@@ -300,17 +300,21 @@ class Deployer:
         for name in self.chosen:
             self.execute(self.deploy_command(name))
 
-    def execute(self, command: Sequence[str], **env: str) -> str:
-        """Print the command and, unless it is a dry run, run it; its output."""
+    def execute(self, command: Sequence[str], **env: str) -> None:
+        """Print the command and, unless it is a dry run, run it, its output shown."""
         show(command)
-        if self.options.dry_run:
-            return ""
-        return self.capture(command, **env, quiet=False)
+        if not self.options.dry_run:
+            self._run(command, env, capture=False)
 
-    def capture(self, command: Sequence[str], *, quiet: bool = True, **env: str) -> str:
+    def output_of(self, command: Sequence[str]) -> str:
+        """Run a command already shown, and keep its output from the terminal."""
+        return self._run(command, {}, capture=True)
+
+    def _run(self, command: Sequence[str], env: Mapping[str, str], *, capture: bool) -> str:
+        # As under the shell's `set -e`: a failing command ends the deploy with its status.
         completed = subprocess.run(  # noqa: S603  # gcloud and this Python, arguments built here
             list(command), env={**self.environ, **env}, check=False, text=True,
-            stdout=subprocess.PIPE if quiet else None,
+            stdout=subprocess.PIPE if capture else None,
         )  # fmt: skip
         if completed.returncode != 0:
             raise SystemExit(completed.returncode)
@@ -332,7 +336,8 @@ class Deployer:
         show(listing)
         held, holders = 0, []
         if not self.options.dry_run:
-            for name, region, most, each in holdings(json.loads(self.capture(listing)), shared_by):
+            deployed = json.loads(self.output_of(listing))
+            for name, region, most, each in holdings(deployed, shared_by):
                 if region == s.get("REGION") and name in self.chosen:
                     continue  # replaced by this deploy
                 held += most * each
@@ -363,7 +368,7 @@ class Deployer:
             fetch = self.fetch_secret(s.get("MIGRATION_DATABASE_URL_SECRET"))
             show(fetch)
             if not self.options.dry_run:
-                env["DATABASE_URL"] = self.capture(fetch).rstrip("\n")
+                env["DATABASE_URL"] = self.output_of(fetch).rstrip("\n")
         else:
             print(
                 f"migrating the schema as its owner {s.get('DB_OWNER')}, through the Cloud SQL"
@@ -380,7 +385,7 @@ class Deployer:
                 fetch = self.fetch_secret(s.get("DB_OWNER_PASS_SECRET"))
                 show(fetch)
                 if not self.options.dry_run:
-                    env["DB_PASS"] = self.capture(fetch).rstrip("\n")
+                    env["DB_PASS"] = self.output_of(fetch).rstrip("\n")
         self.execute(upgrade, **env)
 
     def env_vars(self) -> str:
