@@ -68,9 +68,14 @@ def test_a_rotated_password_is_used_by_running_instances(
     for reader in readers:
         reader.start()
     time.sleep(0.5)
-    secret.write_text(NEW + "\n")  # a new version of the mounted secret
+    new_version = tmp_path / "db-pass.new"
+    new_version.write_text(NEW + "\n")
+    new_version.replace(secret)  # a new version of the mounted secret, seen whole or not at all
     with pg.begin() as connection:
         connection.exec_driver_sql(f"ALTER ROLE {USER} PASSWORD '{NEW}'")
+    # Killed only once the new password is committed: a connection killed before would
+    # reconnect while the server still expects the old one.
+    with pg.begin() as connection:
         killed = connection.scalar(
             text(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = :u"
