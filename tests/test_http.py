@@ -85,6 +85,35 @@ def test_body_that_is_not_a_json_object_is_400(client: FlaskClient, body: bytes)
     )
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"name": "Ada \\ud800", "email": "a@example.com"}',
+        b'{"name": "Ada", "email": "a\\udc00@example.com"}',
+        b'{"name": "Ada", "email": "a@example.com", "\\udbff": 1}',
+    ],
+)
+def test_body_with_an_unpaired_surrogate_escape_is_400_and_adds_nothing(
+    client: FlaskClient, pg: Engine, body: bytes
+) -> None:
+    """JSON may escape half a surrogate pair, which is no character and not UTF-8: a 400, not
+    a 500 from the driver or the answer's encoding, and nothing is written."""
+    assert_error(
+        client.post("/users", data=body, content_type="application/json"), 400, "bad_request"
+    )
+    with pg.connect() as connection:
+        assert connection.scalar(text("SELECT count(*) FROM users")) == 0
+
+
+def test_body_with_an_escaped_surrogate_pair_is_that_character(client: FlaskClient) -> None:
+    """A pair of escapes is one character outside the BMP, stored and answered as such."""
+    body = b'{"name": "Ada \\ud83d\\ude00", "email": "a@example.com"}'
+    response = client.post("/users", data=body, content_type="application/json")
+    assert response.status_code == 201
+    assert response.json["name"] == "Ada \U0001f600"
+    assert client.get(f"/users/{response.json['id']}").json["name"] == "Ada \U0001f600"
+
+
 def test_checks_run_in_the_contract_order(client: FlaskClient) -> None:
     """Path 404, then 405, then 415, then 413, then 400, then 422."""
     big = b"{" + b" " * (1024 * 1024 + 1)

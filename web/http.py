@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True)
@@ -338,11 +339,18 @@ def _json_body(request: flask.Request) -> dict[str, Any]:
 
 
 def json_value(raw: bytes) -> Any:
-    """``raw`` as strict JSON in UTF-8 (no ``NaN`` or ``Infinity``); ``ValueError`` otherwise."""
+    """``raw`` as strict JSON in UTF-8 (no ``NaN`` or ``Infinity``); ``ValueError`` otherwise.
+
+    An escaped surrogate without its pair (``"\\ud800"``) is refused too: it stands for no
+    character, UTF-8 cannot carry it, and neither the database nor an answer could hold it.
+    """
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        if _SURROGATE_ESCAPE.search(raw):  # a pair decodes to one character; a lone one stays
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):  # UnicodeDecodeError and UnicodeEncodeError too
         raise ValueError("not JSON in UTF-8") from None
+    return value
 
 
 def _reject_constant(name: str) -> None:
