@@ -275,18 +275,19 @@ def _set_timeouts_per_transaction(engine: Engine, settings: Settings) -> None:
             driver.installed_version(),
             ", ".join(driver.TESTED_PG8000),
         )
+    set_local = "; ".join(begin[1:])
 
     @event.listens_for(engine, "connect", insert=True)
     def _open_with_settings(dbapi_connection: Any, _record: Any) -> None:
         # Opens the connection's first transaction, which its first checkout goes on with.
         cursor = dbapi_connection.cursor()
-        cursor.execute("; ".join(transaction_settings(settings)))
+        cursor.execute(set_local)
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _set_local(connection: Any) -> None:
         # pg8000 sends its own BEGIN first; these are one more round trip.
-        connection.exec_driver_sql("; ".join(transaction_settings(settings)))
+        connection.exec_driver_sql(set_local)
 
 
 class _TlsNegotiation:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD_FILE = "/etc/secrets/db-pass"  # noqa: S105  # where the secret is mounted
+# db/config.py's, repeated: deploy.sh may run on a Python without the project's dependencies.
 _INSTANCE_CONNECTION_NAME = re.compile(r"^([a-z0-9.-]+:)?[a-z0-9-]+:[a-z0-9-]+:[a-z0-9-]+$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
 _DEFAULTS = {
