@@ -3,13 +3,20 @@
 pg8000 raises ``ProgrammingError`` for a unique violation, an integer overflow and a
 deadlock alike; only the SQLSTATE tells them apart. SQLite's error names are
 translated to the matching SQLSTATE so both backends sort the same way.
+
+Domain code turns a violated constraint into its own error with ``violation_of``, never by
+catching a driver's exception class.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+from sqlalchemy import ForeignKeyConstraint, MetaData, UniqueConstraint
 from sqlalchemy import exc as sa_exc
 
 
@@ -182,3 +189,58 @@ def lost_connection(error: BaseException) -> bool:
     if isinstance(error, sa_exc.DBAPIError):
         return error.connection_invalidated
     return isinstance(error, OSError)
+
+
+@contextmanager
+def violation_of(*constraints: str, raises: Exception) -> Iterator[None]:
+    """Raise ``raises`` when the block violates one of the unique or foreign-key
+    ``constraints``, named as in the schema; any other database error passes unchanged::
+
+        with violation_of("uq_users_email", raises=Conflict("this email is taken")):
+            session.flush()
+
+    pg8000 raises ``ProgrammingError`` for some violations and SQLAlchemy ``IntegrityError``
+    for others, so catching a class would sort them by accident; this asks the database which
+    constraint failed. SQLite names a unique constraint by its columns, and no foreign key at
+    all: there, any foreign-key violation in the block counts as one of ``constraints``' own.
+    """
+    try:
+        yield
+    except sa_exc.DBAPIError as error:
+        if violated(error, constraints):
+            raise raises from error
+        raise
+
+
+def violated(error: BaseException, constraints: tuple[str, ...]) -> bool:
+    """True when ``error`` is a unique or foreign-key violation of one of ``constraints``."""
+    code = sqlstate(error)
+    if code not in ("23505", "23503"):
+        return False
+    orig = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], dict):  # pg8000: the server names the constraint
+        return args[0].get("n") in constraints
+    known = _constraints()
+    if code == "23503":
+        return any(isinstance(known.get(name), ForeignKeyConstraint) for name in constraints)
+    failed = str(orig).partition("constraint failed: ")[2]  # SQLite: "users.email, ..."
+    return any(
+        isinstance(constraint := known.get(name), UniqueConstraint)
+        and failed == ", ".join(f"{col.table.name}.{col.name}" for col in constraint.columns)
+        for name in constraints
+    )
+
+
+@functools.cache
+def _constraints() -> dict[str, object]:
+    """The models' named constraints."""
+    from db.models import Base  # noqa: PLC0415  # needed only to read a SQLite error
+
+    metadata: MetaData = Base.metadata
+    return {
+        str(constraint.name): constraint
+        for table in metadata.tables.values()
+        for constraint in table.constraints
+        if constraint.name
+    }

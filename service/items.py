@@ -7,10 +7,9 @@ from datetime import datetime
 from typing import NamedTuple, TypedDict, cast
 
 from sqlalchemy import Table, insert, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.errors import Failure, classify
+from db.errors import violation_of
 from db.models import Item, User, utcnow
 from service.errors import NotFound
 
@@ -63,12 +62,9 @@ def create_items(session: Session, new_items: Sequence[NewItem]) -> list[Created
     # one INSERT ... VALUES ... RETURNING per 1000 rows. It returns only the ids, and skips
     # the ORM's bookkeeping per row, which would cost more than the database does.
     statement = insert(ITEMS).returning(ITEMS.c.id, sort_by_parameter_order=True)
-    try:
+    removed = NotFound("an owner was removed while its items were created")
+    with violation_of("fk_items_owner_id_users", raises=removed):
         ids = session.scalars(statement, [{**item, "created_at": now} for item in new_items]).all()
-    except IntegrityError as error:
-        if classify(error) is Failure.FOREIGN_KEY_VIOLATION:
-            raise NotFound("an owner was removed while its items were created") from error
-        raise
     return [
         CreatedItem(id, **item, created_at=now) for id, item in zip(ids, new_items, strict=True)
     ]

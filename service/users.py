@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.errors import Failure, classify
+from db.errors import violation_of
 from db.models import User, utcnow
 from service.errors import Conflict, NotFound
 
@@ -19,7 +17,7 @@ def create_user(session: Session, *, name: str, email: str, balance: int = 0) ->
     now = utcnow()
     user = User(name=name, email=email, balance=balance, created_at=now, updated_at=now)
     session.add(user)
-    with _email_must_be_free():
+    with violation_of("uq_users_email", raises=_email_taken()):
         session.flush()
     return user
 
@@ -51,28 +49,21 @@ def update_user(
         user.name = name
     if email is not None:
         user.email = email
-    with _email_must_be_free():
+    with violation_of("uq_users_email", raises=_email_taken()):
         session.flush()
     return user
 
 
 def delete_user(session: Session, user_id: int) -> None:
     """Remove a user and their items; ``NotFound``, or ``Conflict`` if they have transfers."""
-    try:
+    has_transfers = Conflict(f"user {user_id} has transfers and cannot be removed")
+    with violation_of(
+        "fk_transfers_from_user_id_users", "fk_transfers_to_user_id_users", raises=has_transfers
+    ):
         result = session.execute(delete(User).where(User.id == user_id))
-    except IntegrityError as error:
-        if classify(error) is Failure.FOREIGN_KEY_VIOLATION:
-            raise Conflict(f"user {user_id} has transfers and cannot be removed") from error
-        raise
     if result.rowcount == 0:  # type: ignore[attr-defined]
         raise NotFound(f"user {user_id} not found")
 
 
-@contextmanager
-def _email_must_be_free() -> Iterator[None]:
-    try:
-        yield
-    except IntegrityError as error:
-        if classify(error) is Failure.UNIQUE_VIOLATION:
-            raise Conflict("a user with this email already exists") from error
-        raise
+def _email_taken() -> Conflict:
+    return Conflict("a user with this email already exists")

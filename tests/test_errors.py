@@ -8,10 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event, insert
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
-from db.errors import Failure, classify
+from db.errors import Failure, classify, violation_of
+from db.models import Base, Item, User, utcnow
 from tests.conftest import PROBE, Instance
 
 
@@ -101,3 +103,41 @@ def test_a_table_missing_on_postgresql_is_a_500_with_a_clear_log_line(
     assert response.status_code == 500
     [line] = [json.loads(out) for out in capsys.readouterr().out.splitlines() if '"ERROR"' in out]
     assert "the schema is behind the models" in line["message"]
+
+
+class _Taken(Exception):
+    pass
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_violation_of_turns_only_the_named_constraint_into_the_domain_error(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The named unique constraint becomes the given error; another constraint's violation
+    and any other failure pass unchanged, on both backends."""
+    if backend == "postgresql":
+        engine = create_engine(request.getfixturevalue("database_url"))
+        with engine.begin() as connection:
+            connection.exec_driver_sql("TRUNCATE users RESTART IDENTITY CASCADE")
+    else:
+        engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+        event.listen(engine, "connect", lambda dbapi, _: dbapi.execute("PRAGMA foreign_keys=ON"))
+        Base.metadata.create_all(engine)
+    user = {"name": "A", "email": "a@x.io", "balance": 0, "created_at": utcnow(),
+            "updated_at": utcnow()}  # fmt: skip
+    with Session(engine) as session:
+        session.add(User(**user))
+        session.commit()
+        session.add(User(**user))
+        with pytest.raises(_Taken), violation_of("uq_users_email", raises=_Taken()):
+            session.flush()
+        session.rollback()
+        session.add(User(**user))
+        with pytest.raises(DBAPIError), violation_of("fk_items_owner_id_users", raises=_Taken()):
+            session.flush()
+        session.rollback()
+        with pytest.raises(DBAPIError), violation_of("uq_users_email", raises=_Taken()):
+            session.execute(insert(Item), [{"owner_id": 99, "name": "x", "quantity": 1,
+                                            "created_at": utcnow()}])  # fmt: skip
+        session.rollback()
+    engine.dispose()

@@ -139,11 +139,12 @@ def test_the_same_id_from_another_topic_is_another_event(
 
 
 POISON = {
-    "not JSON": (b"{not json", "malformed_event: the message's data is not JSON in UTF-8"),
-    "not UTF-8": (b"\xff\xfe", "malformed_event: the message's data is not JSON in UTF-8"),
+    "not JSON": (b"{not json", "malformed_event: the message's data is not valid JSON"),
+    "not UTF-8": (b"\xff\xfe", "malformed_event: the message's data is not UTF-8"),
     "half a surrogate pair": (
         b'{"from_user_id": 1, "to_user_id": 2, "amount": 5, "\\ud800": 1}',
-        "malformed_event: the message's data is not JSON in UTF-8",
+        "malformed_event: the message's data escapes half of a surrogate pair, which stands for"
+        " no character",
     ),
     "not an object": ([1, 2], "malformed_event: the message's data must be a JSON object"),
     "a field rule": (

@@ -31,19 +31,32 @@ def assert_error(response: object, status: int, code: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "content_type",
-    [None, "text/plain", "application/x-www-form-urlencoded", "application/json; charset=latin-1"],
+    ("content_type", "message"),
+    [
+        (None, "the body must be sent as Content-Type: application/json"),
+        ("text/plain", "the body must be sent as Content-Type: application/json"),
+        (
+            "application/x-www-form-urlencoded",
+            "the body must be sent as Content-Type: application/json",
+        ),
+        (
+            "application/json; charset=latin-1",
+            "the body must be JSON in UTF-8, not charset=latin-1: send charset=utf-8 or none",
+        ),
+    ],
 )
 def test_body_without_json_content_type_is_415(
-    client: FlaskClient, pg: Engine, content_type: str | None
+    client: FlaskClient, pg: Engine, content_type: str | None, message: str
 ) -> None:
-    """A POST whose Content-Type is missing or not JSON is a 415 and adds nothing."""
+    """A POST whose Content-Type is missing or not JSON is a 415 saying what to send, and
+    adds nothing."""
     headers = {"Content-Type": content_type} if content_type else {}
     response = client.post(
         "/users", data=b'{"name": "A", "email": "a@example.com"}', headers=headers
     )
 
     assert_error(response, 415, "unsupported_media_type")
+    assert response.json["error"]["message"] == message
     with pg.connect() as connection:
         assert connection.scalar(text("SELECT count(*) FROM users")) == 0
 
@@ -79,9 +92,16 @@ def test_body_of_exactly_one_mebibyte_is_parsed(client: FlaskClient) -> None:
     [b"{", b"", b"[]", b'"text"', b"42", b"null", b'{"balance": NaN}', b"\xff\xfe", b"[" * 100_000],
 )
 def test_body_that_is_not_a_json_object_is_400(client: FlaskClient, body: bytes) -> None:
-    """Malformed JSON, or JSON that is not an object, is a 400 bad_request."""
-    assert_error(
-        client.post("/users", data=body, content_type="application/json"), 400, "bad_request"
+    """Malformed JSON, or JSON that is not an object, is a 400 bad_request saying which."""
+    response = client.post("/users", data=body, content_type="application/json")
+
+    assert_error(response, 400, "bad_request")
+    assert response.json["error"]["message"] == (
+        "the body is not UTF-8"
+        if body == b"\xff\xfe"
+        else "the body must be a JSON object"
+        if body in (b"[]", b'"text"', b"42", b"null")
+        else "the body is not valid JSON"
     )
 
 
@@ -96,10 +116,13 @@ def test_body_that_is_not_a_json_object_is_400(client: FlaskClient, body: bytes)
 def test_body_with_an_unpaired_surrogate_escape_is_400_and_adds_nothing(
     client: FlaskClient, pg: Engine, body: bytes
 ) -> None:
-    """JSON may escape half a surrogate pair, which is no character and not UTF-8: a 400, not
-    a 500 from the driver or the answer's encoding, and nothing is written."""
-    assert_error(
-        client.post("/users", data=body, content_type="application/json"), 400, "bad_request"
+    """JSON may escape half a surrogate pair, which is no character and not UTF-8: a 400 that
+    says so, not a 500 from the driver or the answer's encoding, and nothing is written."""
+    response = client.post("/users", data=body, content_type="application/json")
+
+    assert_error(response, 400, "bad_request")
+    assert response.json["error"]["message"] == (
+        "the body escapes half of a surrogate pair, which stands for no character"
     )
     with pg.connect() as connection:
         assert connection.scalar(text("SELECT count(*) FROM users")) == 0
@@ -234,3 +257,33 @@ def test_health_is_503_with_retry_after_when_the_database_is_unreachable(
 
     assert_error(response, 503, "service_unavailable")
     assert int(response.headers["Retry-After"]) >= 1
+
+
+@pytest.mark.parametrize(
+    ("path", "typo"),
+    [("/users", "e-mail"), ("/items", "owner"), ("/transfers", "userid"), ("/transfers", "page")],
+)
+def test_an_unknown_query_parameter_is_a_422_naming_it(
+    client: FlaskClient, path: str, typo: str
+) -> None:
+    """A misspelt filter is refused, never ignored: the answer is not every row."""
+    ada = client.post("/users", json={"name": "Ada", "email": "ada@x.io", "balance": 9}).json
+    bob = client.post("/users", json={"name": "Bob", "email": "bob@x.io"}).json
+    client.post(
+        "/transfers", json={"from_user_id": ada["id"], "to_user_id": bob["id"], "amount": 1}
+    )
+
+    response = client.get(f"{path}?{typo}=1")
+
+    assert_error(response, 422, "validation_failed")
+    [detail] = response.json["error"]["details"]
+    assert detail["loc"] == ["query", typo]
+    assert "limit, after or " in detail["msg"]
+
+
+def test_a_query_parameter_given_twice_is_a_422(client: FlaskClient) -> None:
+    """``?user_id=1&user_id=2`` has no single meaning: refused, naming the parameter."""
+    response = client.get("/transfers?user_id=1&user_id=2")
+
+    assert_error(response, 422, "validation_failed")
+    assert [d["loc"] for d in response.json["error"]["details"]] == [["query", "user_id"]]

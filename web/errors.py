@@ -71,11 +71,9 @@ def request_timeout() -> HttpError:
     return HttpError(408, "request_timeout", "the body did not arrive in time")
 
 
-def unsupported_media_type() -> HttpError:
+def unsupported_media_type(message: str) -> HttpError:
     """415: a body was needed and it was not declared as UTF-8 JSON."""
-    return HttpError(
-        415, "unsupported_media_type", "the body must be sent as Content-Type: application/json"
-    )
+    return HttpError(415, "unsupported_media_type", message)
 
 
 _DOMAIN_STATUS: list[tuple[type[DomainError], int]] = [

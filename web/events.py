@@ -82,8 +82,8 @@ class Message:
         """The data as a JSON object; a 400 ``malformed_event`` when it is not one."""
         try:
             value = http.json_value(self.data)
-        except ValueError:
-            raise malformed_event("the message's data is not JSON in UTF-8") from None
+        except ValueError as error:
+            raise malformed_event(f"the message's data {error}") from None
         if not isinstance(value, dict):
             raise malformed_event("the message's data must be a JSON object")
         return value

@@ -324,32 +324,47 @@ def _idempotent(session: Session, key: str, digest: str, view: View, call: Call)
 
 
 def _json_body(request: flask.Request) -> dict[str, Any]:
-    if request.mimetype != "application/json" or request.mimetype_params.get(
-        "charset", "utf-8"
-    ).lower() not in ("utf-8", "utf8"):
-        raise errors.unsupported_media_type()
+    if request.mimetype != "application/json":
+        raise errors.unsupported_media_type(
+            "the body must be sent as Content-Type: application/json"
+        )
+    charset = request.mimetype_params.get("charset", "utf-8")
+    if charset.lower() not in ("utf-8", "utf8"):
+        raise errors.unsupported_media_type(
+            f"the body must be JSON in UTF-8, not charset={charset}: send charset=utf-8 or none"
+        )
     # web/bodies.py refuses a body over MAX_BODY_BYTES (413) as it is read.
     try:
         body = json_value(request.stream.read())
-    except ValueError:
-        raise errors.bad_request("the body is not valid JSON") from None
+    except ValueError as error:
+        raise errors.bad_request(f"the body {error}") from None
     if not isinstance(body, dict):
         raise errors.bad_request("the body must be a JSON object")
     return body
 
 
 def json_value(raw: bytes) -> Any:
-    """``raw`` as strict JSON in UTF-8 (no ``NaN`` or ``Infinity``); ``ValueError`` otherwise.
+    """``raw`` as strict JSON in UTF-8 (no ``NaN`` or ``Infinity``); otherwise ``ValueError``,
+    whose message completes "the body ..." (``is not UTF-8``, ``is not valid JSON``).
 
     An escaped surrogate without its pair (``"\\ud800"``) is refused too: it stands for no
     character, UTF-8 cannot carry it, and neither the database nor an answer could hold it.
     """
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-        if _SURROGATE_ESCAPE.search(raw):  # a pair decodes to one character; a lone one stays
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise ValueError("is not valid JSON") from None
+    if _SURROGATE_ESCAPE.search(raw):  # a pair decodes to one character; a lone one stays
+        try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except (ValueError, RecursionError):  # UnicodeDecodeError and UnicodeEncodeError too
-        raise ValueError("not JSON in UTF-8") from None
+        except UnicodeEncodeError:
+            raise ValueError(
+                "escapes half of a surrogate pair, which stands for no character"
+            ) from None
     return value
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar, get_args, get_origin, get_type_hints, is_typeddict
 
@@ -228,9 +228,9 @@ class _Refused(Exception):
 
 def _list_size_problem(size: int, rule: Length) -> str | None:
     if rule.high is not None and size > rule.high:
-        return f"List should have at most {_plural(rule.high, 'item')} after validation, not {size}"
+        return f"List should have at most {_plural(rule.high, 'item')} in all, not {size}"
     if size < rule.low:
-        return f"List should have at least {_plural(rule.low, 'item')} after validation, not {size}"
+        return f"List should have at least {_plural(rule.low, 'item')} in all, not {size}"
     return None
 
 
@@ -273,7 +273,7 @@ def _value_error(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
         try:
             return function(value)
         except ValueError as error:
-            raise _Refused(f"Value error, {error}") from None
+            raise _Refused(str(error)) from None
 
     return check
 
@@ -291,9 +291,24 @@ def _whole_number(raw: str, low: int, high: int) -> int | None:
 def page_query(
     args: Mapping[str, str], filters: Mapping[str, Callable[[str], object]]
 ) -> dict[str, Any]:
-    """``limit``, ``after`` and the given filters from a query string, or ``ValidationFailed``."""
+    """``limit``, ``after`` and the given filters from a query string, or ``ValidationFailed``.
+
+    A parameter the listing does not take, or one given twice, is refused rather than ignored:
+    a misspelt filter (``userid`` for ``user_id``) must not widen the answer to everything.
+    """
     query: dict[str, Any] = {}
     problems: list[dict[str, Any]] = []
+    taken = ("limit", "after", *filters)
+    for name in args:
+        if name not in taken:
+            problems.append(
+                {
+                    "loc": ["query", name],
+                    "msg": f"is not a parameter of this listing, which takes {_listed(taken)}",
+                }
+            )
+        elif len(_values(args, name)) > 1:
+            problems.append({"loc": ["query", name], "msg": "must be given at most once"})
     for name, low, high, default in (("limit", 1, 1000, 50), ("after", 0, MAX_BIGINT, 0)):
         raw = args.get(name)
         value = default if raw is None else _whole_number(raw, low, high)
@@ -314,6 +329,16 @@ def page_query(
     if problems:
         raise ValidationFailed(problems)
     return query
+
+
+def _values(args: Mapping[str, str], name: str) -> list[str]:
+    """Every value of ``name`` in a query string (a Werkzeug ``MultiDict`` keeps them all)."""
+    values = getattr(args, "getlist", None)
+    return list(values(name)) if values is not None else [args[name]]
+
+
+def _listed(names: Sequence[str]) -> str:
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
 
 
 def email_filter(raw: str) -> str:
