@@ -11,14 +11,22 @@ threads and 512 MiB:
 - leave its body unread: functions-framework reads the whole remaining body into memory after
   every answer (``read_request``, to keep the connection usable). Here an unread body is
   dropped instead, and the connection closed.
+
+Whenever the connection will be closed after the answer (a 413, a 408, a body left unread),
+the answer says ``Connection: close``, so that a client keeping connections alive sends its
+next request on a new one instead of losing it on this one. gunicorn drops the hop-by-hop
+headers an application sets and would announce ``keep-alive``; ``honour_connection_close``
+makes it keep its word.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import io
 import itertools
+import logging
 import socket
 import threading
 import time
@@ -197,3 +205,40 @@ class _Deadlines:
 
 
 _deadlines = _Deadlines()
+
+
+def honour_connection_close() -> None:
+    """Make gunicorn answer ``Connection: close`` and close the connection when the
+    application's response says ``Connection: close``, instead of dropping the header.
+
+    gunicorn's response decides the ``Connection`` header itself (``should_close``) and
+    discards the application's; ``force_close`` is its own way of closing after the answer,
+    which it then announces. Where gunicorn is not installed, or has other internals than
+    those the suite runs against, nothing changes and one WARNING says so.
+    """
+    try:
+        from gunicorn.http.wsgi import Response  # noqa: PLC0415  # absent under other servers
+    except ImportError:
+        return
+    process_headers = getattr(Response, "process_headers", None)
+    if process_headers is None or not hasattr(Response, "force_close"):
+        logging.getLogger(__name__).warning(
+            "this gunicorn has no Response.process_headers or force_close: an answer that"
+            " closes its connection will not say so"
+        )
+        return
+    if getattr(process_headers, "honours_connection_close", False):
+        return
+
+    @functools.wraps(process_headers)
+    def honouring_close(self: Any, headers: list[tuple[str, str]]) -> None:
+        process_headers(self, headers)
+        for name, value in headers:
+            if name.lower() == "connection" and value.strip().lower() == "close":
+                self.force_close()
+
+    honouring_close.honours_connection_close = True  # type: ignore[attr-defined]
+    Response.process_headers = honouring_close
+
+
+honour_connection_close()
