@@ -35,12 +35,18 @@ _DEFAULTS = {
     "CPU": "1",
     "MEMORY": "512Mi",
     "TIMEOUT": "60s",
-    "RUNTIME": "python312",
+    "RUNTIME": "python313",
     "LOG_LEVEL": "INFO",
     "DB_MAX_CONNECTIONS": "100",
     "DB_RESERVED_CONNECTIONS": "10",
     "DB_OWNER_IAM_AUTH": "false",
+    "EVENT_INSTANCES": "2",
+    "MIN_INSTANCES": "0",
+    "ALLOW_CROSS_REGION": "false",
 }
+# The Python runtimes of Cloud Run functions this project runs on (3.11 and newer); the suite
+# runs on the oldest and the newest of those it can install.
+RUNTIMES = ("python311", "python312", "python313", "python314")
 
 
 class Refused(Exception):
@@ -53,10 +59,29 @@ class Refused(Exception):
 
 @dataclass(frozen=True)
 class EntryPoint:
-    """A function of main.py: ``topic`` for an event function, None for an HTTP one."""
+    """A function of main.py: ``topic`` for an event function, None for an HTTP one;
+    ``part_of_api`` for an HTTP function serving a router of ``web/routes.py`` other than
+    ``API``, whose routes the ``api`` function serves too."""
 
     name: str
     topic: str | None = None
+    part_of_api: bool = False
+
+
+def _serves_part_of_api(node: ast.FunctionDef) -> bool:
+    """True for ``return http.serve(request, database, routes.NAME)`` with NAME not API."""
+    body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+    if len(body) != 1 or not isinstance(body[0], ast.Return):
+        return False
+    call = body[0].value
+    if not isinstance(call, ast.Call) or ast.unparse(call.func) != "http.serve":
+        return False
+    router = call.args[2] if len(call.args) == 3 else None
+    return (
+        isinstance(router, ast.Attribute)
+        and ast.unparse(router.value) == "routes"
+        and router.attr != "API"
+    )
 
 
 def entry_points(source: Path) -> list[EntryPoint]:
@@ -67,7 +92,7 @@ def entry_points(source: Path) -> list[EntryPoint]:
             continue
         decorators = [ast.unparse(decorator) for decorator in node.decorator_list]
         if "functions_framework.http" in decorators:
-            found.append(EntryPoint(node.name))
+            found.append(EntryPoint(node.name, part_of_api=_serves_part_of_api(node)))
         elif "functions_framework.cloud_event" in decorators:
             topics = [
                 keyword.value.value
@@ -92,6 +117,7 @@ class Options:
 
     dry_run: bool = False
     migrate: bool = False
+    prune: bool = False
     access: str = "--no-allow-unauthenticated"
     chosen: list[str] = field(default_factory=list)
 
@@ -104,6 +130,8 @@ def parse_arguments(args: Sequence[str], names: Sequence[str]) -> Options:
             options.dry_run = True
         elif argument == "--migrate":
             options.migrate = True
+        elif argument == "--prune":
+            options.prune = True
         elif argument == "--allow-unauthenticated":
             options.access = "--allow-unauthenticated"
         elif argument.startswith("-"):
@@ -117,16 +145,29 @@ def parse_arguments(args: Sequence[str], names: Sequence[str]) -> Options:
     return options
 
 
+def default_fleet(found: Sequence[EntryPoint], chosen: Sequence[str]) -> list[str]:
+    """What a deployment holds when ``FUNCTIONS`` is not set: every entry point but those
+    serving part of ``api``'s routes, and those too when named on the command line."""
+    fleet = [entry.name for entry in found if not entry.part_of_api]
+    return fleet + [name for name in chosen if name not in fleet]
+
+
 class Settings:
     """The settings from the environment, with their defaults; ``problems`` lists what is wrong."""
 
-    def __init__(self, environ: Mapping[str, str], names: Sequence[str], options: Options):
+    def __init__(
+        self, environ: Mapping[str, str], found: Sequence[EntryPoint], options: Options
+    ) -> None:
         # As the shell's ${NAME:-default}: an empty value counts as unset.
         self.given = {name: value for name, value in environ.items() if value}
         self.values = {**_DEFAULTS, **self.given}
         self.values.setdefault("TRIGGER_SERVICE_ACCOUNT", self.get("SERVICE_ACCOUNT"))
         self.mode = "url" if self.get("DATABASE_URL_SECRET") else "connector"
-        self.fleet = self.get("FUNCTIONS", " ".join(names)).replace(",", " ").split()
+        names = [entry.name for entry in found]
+        if "FUNCTIONS" in self.given:
+            self.fleet = self.get("FUNCTIONS").replace(",", " ").split()
+        else:
+            self.fleet = default_fleet(found, options.chosen)
         self.problems: list[str] = []
         self._check(names, options)
 
@@ -171,6 +212,19 @@ class Settings:
                 )
         elif ip_type != "PUBLIC":
             problem(f"DB_IP_TYPE must be PUBLIC, PRIVATE or PSC, got '{ip_type}'")
+        region = self.get("REGION")
+        if (
+            instance
+            and region
+            and _INSTANCE_CONNECTION_NAME.match(instance)
+            and instance.split(":")[-2] != region
+            and self.get("ALLOW_CROSS_REGION") != "true"
+        ):
+            problem(
+                f"REGION is {region} but the instance {instance} is in {instance.split(':')[-2]}:"
+                " every round trip to the database would leave the region; deploy to"
+                f" {instance.split(':')[-2]}, or set ALLOW_CROSS_REGION=true if that is meant"
+            )
 
     def _check_fleet(self, names: Sequence[str], options: Options) -> None:
         problem = self.problems.append
@@ -187,7 +241,7 @@ class Settings:
             if name not in self.fleet:
                 problem(
                     f"{name} is not in FUNCTIONS ({' '.join(self.fleet)}), whose share of"
-                    " connections it would take"
+                    " connections it would take; add it there"
                 )
 
     def _check_accounts(self) -> None:
@@ -243,10 +297,21 @@ class Settings:
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problem(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got '{level}'")
         for name, least in (("CONCURRENCY", 1), ("DB_MAX_OVERFLOW", 0),
-                            ("DB_MAX_CONNECTIONS", 1), ("DB_RESERVED_CONNECTIONS", 0)):  # fmt: skip
+                            ("DB_MAX_CONNECTIONS", 1), ("DB_RESERVED_CONNECTIONS", 0),
+                            ("EVENT_INSTANCES", 1), ("MIN_INSTANCES", 0)):  # fmt: skip
             value = self.get(name)
             if not (value.isascii() and value.isdigit() and int(value) >= least):
                 problem(f"{name} must be a whole number of at least {least}, got '{value}'")
+        if self.get("ALLOW_CROSS_REGION") not in ("true", "false"):
+            problem(
+                f"ALLOW_CROSS_REGION must be true or false, got '{self.get('ALLOW_CROSS_REGION')}'"
+            )
+        runtime = self.get("RUNTIME")
+        if runtime not in RUNTIMES:
+            problem(
+                f"RUNTIME must be one of {', '.join(RUNTIMES)} (Python 3.11 or newer), got"
+                f" '{runtime}'"
+            )
         cpu = self.get("CPU")
         if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", cpu):
             problem(f"CPU must be a number of vCPUs, got '{cpu}'")
@@ -264,6 +329,26 @@ def secret_ref(secret: str) -> str:
     return secret if ":" in secret else f"{secret}:latest"
 
 
+def share(
+    fleet: Sequence[str], topics: Mapping[str, str | None], slots: int, event_instances: int
+) -> dict[str, int]:
+    """Each function's most instances, out of ``slots`` instances for the whole deployment.
+
+    An event function gets ``event_instances`` (no more than an even share): Pub/Sub holds
+    what waits, and pushes at the pace the function keeps. The HTTP functions split the rest
+    evenly, the first ones in ``fleet`` taking what does not divide, since a caller waits on
+    them. With no HTTP function, the event functions split every slot.
+    """
+    events = [name for name in fleet if topics.get(name)]
+    http = [name for name in fleet if not topics.get(name)]
+    most = {name: min(event_instances, slots // len(fleet)) for name in events} if http else {}
+    takers = http or events
+    rest = slots - sum(most.values())
+    for index, name in enumerate(takers):
+        most[name] = rest // len(takers) + (1 if index < rest % len(takers) else 0)
+    return {name: most[name] for name in fleet}
+
+
 class Deployer:
     """One run of deploy.sh: the settings checked, then each step printed and (unless
     ``--dry-run``) run."""
@@ -277,29 +362,64 @@ class Deployer:
         self.budget = settings.number("DB_MAX_CONNECTIONS") - settings.number(
             "DB_RESERVED_CONNECTIONS"
         )
-        self.max_instances = self.budget // self.per_instance // len(settings.fleet)
+        slots = max(self.budget, 0) // self.per_instance
+        self.max_instances = share(
+            settings.fleet, topics, slots, settings.number("EVENT_INSTANCES")
+        )
+        self.min_instances = {
+            name: 0 if topics.get(name) else settings.number("MIN_INSTANCES")
+            for name in settings.fleet
+        }
         # A password in the deployer's shell must not reach gcloud or the functions by accident.
         self.environ = {k: v for k, v in os.environ.items() if k != "DB_PASS"}
 
     def run(self) -> None:
-        s = self.settings
-        print(
-            f"connection budget: ({s.get('DB_MAX_CONNECTIONS')} max_connections -"
-            f" {s.get('DB_RESERVED_CONNECTIONS')} reserved) / ({s.get('CONCURRENCY')} pool +"
-            f" {s.get('DB_MAX_OVERFLOW')} overflow per instance) / {len(s.fleet)} functions ="
-            f" --max-instances={self.max_instances} per function",
-            flush=True,
-        )
-        if self.max_instances < 1:
+        self.show_budget()
+        starved = [name for name, most in self.max_instances.items() if most < 1]
+        if starved:
             raise Refused(
-                "the connection budget allows no instance; raise DB_MAX_CONNECTIONS or lower"
-                " CONCURRENCY"
+                f"the connection budget allows no instance for {' '.join(starved)}; raise"
+                " DB_MAX_CONNECTIONS, lower CONCURRENCY, or deploy fewer functions (FUNCTIONS)"
             )
-        self.check_deployed()
+        too_warm = [
+            f"{name} ({most})"
+            for name, most in self.max_instances.items()
+            if self.min_instances[name] > most
+        ]
+        if too_warm:
+            raise Refused(
+                f"MIN_INSTANCES={self.settings.get('MIN_INSTANCES')} is more than the budget"
+                f" gives {', '.join(too_warm)}; lower it or raise DB_MAX_CONNECTIONS"
+            )
+        unwanted = self.check_deployed()
         if self.options.migrate:
             self.migrate()
+        for name, region in unwanted:
+            self.execute(self.delete_command(name, region))
         for name in self.chosen:
             self.execute(self.deploy_command(name))
+
+    def show_budget(self) -> None:
+        """Print the budget, what each function of the deployment may hold, and the total."""
+        s = self.settings
+        print(
+            f"connection budget: {s.get('DB_MAX_CONNECTIONS')} max_connections -"
+            f" {s.get('DB_RESERVED_CONNECTIONS')} reserved = {self.budget}; each instance holds"
+            f" {self.per_instance} ({s.get('CONCURRENCY')} pool + {s.get('DB_MAX_OVERFLOW')}"
+            " overflow)",
+            flush=True,
+        )
+        width = max(len(name) for name in s.fleet)
+        for name, most in self.max_instances.items():
+            warm = self.min_instances[name]
+            note = "" if name in self.chosen else "  (in FUNCTIONS, not deployed now)"
+            kept = f", {warm} kept warm" if warm else ""
+            print(
+                f"  {name:<{width}}  --max-instances={most} x {self.per_instance} ="
+                f" {most * self.per_instance} connections{kept}{note}"
+            )
+        total = sum(self.max_instances.values()) * self.per_instance
+        print(f"  {'total':<{width}}  {total} of {self.budget} connections", flush=True)
 
     def execute(self, command: Sequence[str], **env: str) -> None:
         """Print the command and, unless it is a dry run, run it, its output shown."""
@@ -321,10 +441,11 @@ class Deployer:
             raise SystemExit(completed.returncode)
         return completed.stdout or ""
 
-    def check_deployed(self) -> None:
+    def check_deployed(self) -> list[tuple[str, str]]:
         """Functions deployed earlier keep their --max-instances until redeployed: count what
         those already on this database (the same INSTANCE_CONNECTION_NAME, or the same
-        DATABASE_URL secret) may hold, beside what this deploy gives."""
+        DATABASE_URL secret) may hold, beside what this deploy gives. With ``--prune``, those
+        outside FUNCTIONS are not counted but returned (name, region), to be deleted."""
         s = self.settings
         if s.mode == "url":
             secret = s.get("DATABASE_URL_SECRET").split(":")[0]
@@ -335,22 +456,53 @@ class Deployer:
         listing = ["gcloud", "functions", "list", f"--project={s.get('PROJECT_ID')}",
                    "--format=json"]  # fmt: skip
         show(listing)
-        held, holders = 0, []
-        if not self.options.dry_run:
-            deployed = json.loads(self.output_of(listing))
-            for name, region, most, each in holdings(deployed, shared_by):
-                if region == s.get("REGION") and name in self.chosen:
-                    continue  # replaced by this deploy
-                held += most * each
-                holders.append(f"{name} in {region} ({most} instances x {each})")
-        planned = len(self.chosen) * self.max_instances * self.per_instance
+        if self.options.dry_run:
+            print(
+                f"skipped in a dry run: reading which functions are already deployed on"
+                f" {database}; a real run counts them against the budget"
+                + (", and --prune deletes those not in FUNCTIONS" if self.options.prune else ""),
+                flush=True,
+            )
+            return []
+        held = 0
+        holders: list[str] = []
+        redeploy: list[str] = []  # in the deployment, but deployed with another share
+        unwanted: list[tuple[str, str]] = []
+        for name, region, most, each in holdings(json.loads(self.output_of(listing)), shared_by):
+            if region == s.get("REGION") and name in self.chosen:
+                continue  # replaced by this deploy
+            if self.options.prune and name not in s.fleet:
+                unwanted.append((name, region))
+                continue
+            held += most * each
+            holders.append(f"{name} in {region} ({most} instances x {each})")
+            if name in s.fleet:
+                redeploy.append(name)
+        planned = sum(self.max_instances[name] for name in self.chosen) * self.per_instance
         if held + planned > self.budget:
+            remedies = []
+            if redeploy:
+                remedies.append(
+                    f"deploy them with their new share: ./deploy.sh {' '.join(self.chosen)}"
+                    f" {' '.join(name for name in redeploy if name not in self.chosen)}"
+                )
+            if len(redeploy) < len(holders):
+                remedies.append(
+                    "delete the functions not in FUNCTIONS"
+                    f" ({' '.join(s.fleet)}) as this deploy runs: add --prune"
+                )
             raise Refused(
                 f"functions already deployed on {database} may hold {held} connections:",
                 *(f"  {holder}" for holder in holders),
                 f"with the {planned} of this deploy that passes the budget of {self.budget};",
-                "deploy them too (they must be in FUNCTIONS), or delete those no longer used",
+                *remedies,
             )
+        return unwanted
+
+    def delete_command(self, name: str, region: str) -> list[str]:
+        s = self.settings
+        return ["gcloud", "functions", "delete", name, f"--region={region}",
+                f"--project={s.get('PROJECT_ID')}", "--quiet"]  # fmt: skip
 
     def fetch_secret(self, secret: str) -> list[str]:
         """The gcloud command that prints a secret's value."""
@@ -433,7 +585,7 @@ class Deployer:
             f"--cpu={s.get('CPU')}",
             f"--memory={s.get('MEMORY')}",
             f"--timeout={s.get('TIMEOUT')}",
-            f"--max-instances={self.max_instances}",
+            f"--max-instances={self.max_instances[name]}",
             "--quiet",
         ]
         # Each deploy states every setting, so one that was dropped is removed, not left behind.
@@ -449,10 +601,13 @@ class Deployer:
         connector = s.get("VPC_CONNECTOR")
         command.append(f"--vpc-connector={connector}" if connector else "--clear-vpc-connector")
         build = s.get("BUILD_SERVICE_ACCOUNT")
-        if build:
-            command.append(
-                f"--build-service-account=projects/{s.get('PROJECT_ID')}/serviceAccounts/{build}"
-            )
+        command.append(
+            f"--build-service-account=projects/{s.get('PROJECT_ID')}/serviceAccounts/{build}"
+            if build
+            else "--clear-build-service-account"
+        )
+        warm = self.min_instances[name]
+        command.append(f"--min-instances={warm}" if warm else "--clear-min-instances")
         return command
 
 
@@ -485,7 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = entry_points(ROOT / "main.py")
         names = [entry.name for entry in found]
         options = parse_arguments(sys.argv[1:] if argv is None else argv, names)
-        settings = Settings(os.environ, names, options)
+        settings = Settings(os.environ, found, options)
         if settings.problems:
             raise Refused(*settings.problems)
         if not options.dry_run and shutil.which("gcloud") is None:

@@ -25,7 +25,8 @@ from sqlalchemy.pool import NullPool
 
 from dev.pgbouncer import PgBouncer
 from dev.postgres import PostgresServer, free_port
-from ops.deploy import Options, Settings, holdings
+from ops.deploy import EntryPoint, Options, Settings, holdings, share
+from ops.deploy import entry_points as read_entry_points
 from tests.conftest import ROOT
 from tests.deploying import (
     GCLOUD,
@@ -40,16 +41,26 @@ from tests.deploying import (
     start_deploy,
 )
 
+DEFAULT = ["api", "transfer_events"]  # what a deploy that names no function deploys
+EVERY = " ".join(entry_points())
+# The budget of 90 connections, 8 to an instance, between the six functions: each event function
+# gets at most an even share (1), the HTTP functions split the other 10 instances.
+SHARES_OF_SIX = {"users": 2, "items": 2, "transfers": 2, "health": 2, "api": 2,
+                 "transfer_events": 1}  # fmt: skip
+
 
 @pytest.fixture(scope="module")
 def full_deploy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deploy]:
-    """Every function deployed once, with a VPC connector and a build service account."""
+    """Every function deployed once, with a VPC connector, a build service account and one
+    instance kept warm."""
     if GCLOUD is None:
         pytest.skip("the Google Cloud CLI (gcloud) is not installed here; CI has it")
     runner = start_deploy(tmp_path_factory.mktemp("full-deploy"))
     result = runner(
+        FUNCTIONS=EVERY,
         VPC_CONNECTOR="functions-egress",
         BUILD_SERVICE_ACCOUNT="builder@acme-prod.iam.gserviceaccount.com",
+        MIN_INSTANCES="1",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     yield runner
@@ -65,10 +76,34 @@ def _limits(deploy: Deploy) -> dict[str, int]:
 
 
 @needs_gcloud
-def test_every_entry_point_of_main_is_deployed(full_deploy: Deploy) -> None:
-    """Without arguments, each function main.py registers is deployed, by its own name."""
+def test_every_entry_point_in_functions_is_deployed(full_deploy: Deploy) -> None:
+    """With FUNCTIONS naming them all, each function main.py registers is deployed, by its own
+    name."""
     assert sorted(full_deploy.api.functions) == sorted(entry_points())
-    assert full_deploy.writes() == [f"create {name}" for name in entry_points()]
+    assert full_deploy.writes() == [f"create {name}" for name in EVERY.split()]
+
+
+@needs_gcloud
+def test_by_default_api_and_the_event_functions_are_deployed(deploy: Deploy) -> None:
+    """No function named, no FUNCTIONS: api and transfer_events, sharing the whole budget;
+    api gets every instance the event function does not need."""
+    result = deploy()
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert deploy.writes() == ["create api", "create transfer_events"]
+    assert _limits(deploy) == {"api": 9, "transfer_events": 2}  # 88 of (100 - 10) connections
+    assert "  total            88 of 90 connections" in result.stdout
+
+
+def test_functions_serving_part_of_api_are_marked_as_such() -> None:
+    """users, items, transfers and health serve routes api serves too; api, the event function
+    and a plain request_scope function do not."""
+    found = {entry.name: entry for entry in read_entry_points(ROOT / "main.py")}
+
+    assert {name for name, entry in found.items() if entry.part_of_api} == {
+        "users", "items", "transfers", "health"
+    }  # fmt: skip
+    assert found["transfer_events"].topic == "transfer-requests"
 
 
 @needs_gcloud
@@ -76,7 +111,7 @@ def test_each_function_is_sent_as_configured(full_deploy: Deploy) -> None:
     """Runtime, entry point, settings, secret reference, limits and accounts reach the API."""
     for name, function in full_deploy.api.functions.items():
         build, service = function["buildConfig"], function["serviceConfig"]
-        assert (build["runtime"], build["entryPoint"]) == ("python312", name)
+        assert (build["runtime"], build["entryPoint"]) == ("python313", name)
         assert build["serviceAccount"] == (
             "projects/acme-prod/serviceAccounts/builder@acme-prod.iam.gserviceaccount.com"
         )
@@ -98,7 +133,8 @@ def test_each_function_is_sent_as_configured(full_deploy: Deploy) -> None:
         [volume] = service["secretVolumes"]
         assert (volume["mountPath"], volume["secret"]) == ("/etc/secrets", "db-pass")
         assert volume["versions"] == [{"path": "db-pass", "version": "latest"}]
-        assert service["maxInstanceCount"] == 1  # (100 - 10) / 8 / 6, rounded down
+        assert service["maxInstanceCount"] == SHARES_OF_SIX[name]
+        assert service.get("minInstanceCount") == (None if name == "transfer_events" else 1)
         assert service["maxInstanceRequestConcurrency"] == 8
         assert (service["availableCpu"], service["availableMemory"]) == ("1", "512Mi")
         assert service["timeoutSeconds"] == 60
@@ -260,13 +296,44 @@ def _call(method: str, url: str, body: object = None) -> tuple[int, Any]:
 @needs_gcloud
 def test_redeploying_some_functions_keeps_every_function_within_the_budget(deploy: Deploy) -> None:
     """Deploying api alone after a full deploy gives it the same share, not the whole budget."""
-    assert deploy().returncode == 0
+    assert deploy(FUNCTIONS=EVERY).returncode == 0
 
-    result = deploy("api")
+    result = deploy("api", FUNCTIONS=EVERY)
 
     assert result.returncode == 0, result.stderr[-3000:]
-    assert set(_limits(deploy).values()) == {1}  # (100 - 10) / 8 / 6
+    assert _limits(deploy) == SHARES_OF_SIX
     assert sum(_limits(deploy).values()) * 8 <= 100 - 10
+
+
+@needs_gcloud
+def test_moving_from_six_functions_to_the_default_is_one_command(deploy: Deploy) -> None:
+    """After a deployment of all six, the default deploy is refused, naming the functions that
+    hold the budget and the remedy, --prune; with it they are deleted and the default gets the
+    whole budget."""
+    assert deploy(FUNCTIONS=EVERY).returncode == 0
+
+    refused = deploy()
+    pruned = deploy("--prune")
+
+    assert refused.returncode == 2
+    assert "users in europe-west1 (2 instances x 8)" in refused.stderr
+    assert "add --prune" in refused.stderr
+    assert pruned.returncode == 0, pruned.stderr[-3000:]
+    assert _limits(deploy) == {"api": 9, "transfer_events": 2}
+    deleted = [r.path.rsplit("/", 1)[1] for r in deploy.api.received if r.method == "DELETE"]
+    assert sorted(deleted) == ["health", "items", "transfers", "users"]
+
+
+@needs_gcloud
+def test_a_resource_function_named_joins_the_deployment(deploy: Deploy) -> None:
+    """./deploy.sh users deploys users beside the default functions' shares: api keeps at
+    least 5 instances, and the three together stay within the budget."""
+    result = deploy("users")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _limits(deploy) == {"users": 4}
+    assert "  api              --max-instances=5 x 8 = 40 connections" in result.stdout
+    assert "  total            88 of 90 connections" in result.stdout
 
 
 @needs_gcloud
@@ -303,6 +370,7 @@ def test_functions_already_deployed_on_the_instance_count_against_the_budget(
         line for line in result.stderr.splitlines() if line.startswith("deploy.sh:")
     )
     assert "reports in europe-west1 (11 instances x 8)" in complaint
+    assert "add --prune" in complaint
     assert "other" not in complaint
     assert deploy.writes() == []
 
@@ -321,6 +389,32 @@ def test_switching_to_iam_authentication_removes_the_password_secret(deploy: Dep
     assert "secretEnvironmentVariables" not in service
     assert service["environmentVariables"]["DB_IAM_AUTH"] == "true"
     assert "DB_PASS_FILE" not in service["environmentVariables"]
+
+
+@needs_gcloud
+@pytest.mark.parametrize(
+    ("setting", "value", "field", "sent"),
+    [
+        ("BUILD_SERVICE_ACCOUNT", "builder@acme-prod.iam.gserviceaccount.com",
+         ("buildConfig", "serviceAccount"),
+         "projects/acme-prod/serviceAccounts/builder@acme-prod.iam.gserviceaccount.com"),
+        ("MIN_INSTANCES", "2", ("serviceConfig", "minInstanceCount"), 2),
+        ("VPC_CONNECTOR", "functions-egress", ("serviceConfig", "vpcConnector"),
+         "projects/acme-prod/locations/europe-west1/connectors/functions-egress"),
+    ],
+)  # fmt: skip
+def test_an_optional_setting_taken_out_is_taken_off_the_function(
+    deploy: Deploy, setting: str, value: str, field: tuple[str, str], sent: object
+) -> None:
+    """Deployed with the setting, then without it: the function no longer has it."""
+    section, key = field
+    assert deploy("items", **{setting: value}).returncode == 0
+    assert deploy.function("items")[section][key] == sent
+
+    result = deploy("items")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert key not in deploy.function("items")[section]
 
 
 @needs_gcloud
@@ -355,7 +449,11 @@ def test_dry_run_prints_every_command_and_sends_nothing(deploy: Deploy) -> None:
     assert "gcloud functions list" in printed[0]
     assert "gcloud secrets versions access latest --secret=db-owner-pass" in printed[1]
     assert printed[2].endswith("-m db upgrade")
-    assert [line.split()[4] for line in printed[3:]] == entry_points()
+    assert [line.split()[4] for line in printed[3:]] == DEFAULT
+    assert "  api              --max-instances=9 x 8 = 72 connections" in result.stdout
+    assert "  transfer_events  --max-instances=2 x 8 = 16 connections" in result.stdout
+    assert "  total            88 of 90 connections" in result.stdout
+    assert "skipped in a dry run: reading which functions are already deployed" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -375,6 +473,12 @@ def test_dry_run_prints_every_command_and_sends_nothing(deploy: Deploy) -> None:
         ({"CONCURRENCY": "0"}, "CONCURRENCY must be a whole number"),
         ({"CPU": "0.5"}, "CONCURRENCY above 1 needs CPU of at least 1"),
         ({"DB_MAX_CONNECTIONS": "20"}, "the connection budget allows no instance"),
+        ({"REGION": "us-central1"}, "every round trip to the database would leave the region"),
+        ({"ALLOW_CROSS_REGION": "yes"}, "ALLOW_CROSS_REGION must be true or false"),
+        ({"RUNTIME": "python310"}, "RUNTIME must be one of python311, python312"),
+        ({"MIN_INSTANCES": "-1"}, "MIN_INSTANCES must be a whole number"),
+        ({"MIN_INSTANCES": "10"}, "MIN_INSTANCES=10 is more than the budget gives api (9)"),
+        ({"EVENT_INSTANCES": "0"}, "EVENT_INSTANCES must be a whole number of at least 1"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL must be"),
         ({"FUNCTIONS": "api nope"}, "FUNCTIONS names 'nope', which is not an entry point"),
         ({"FUNCTIONS": "api,api"}, "FUNCTIONS names 'api' twice"),
@@ -512,7 +616,38 @@ def test_holdings_count_only_the_functions_on_the_same_database() -> None:
 
 def test_an_empty_setting_counts_as_unset() -> None:
     """As the shell's ${NAME:-default}: CONCURRENCY="" takes the default, REGION="" is missing."""
-    settings = Settings({**SETTINGS, "CONCURRENCY": "", "REGION": ""}, ["api"], Options())
+    settings = Settings(
+        {**SETTINGS, "CONCURRENCY": "", "REGION": ""}, [EntryPoint("api")], Options()
+    )
 
     assert settings.get("CONCURRENCY") == "8"
     assert "REGION is not set" in settings.problems
+
+
+def test_a_region_other_than_the_instances_is_deployed_only_when_meant(deploy: Deploy) -> None:
+    """ALLOW_CROSS_REGION=true lets REGION differ from the instance's region."""
+    result = deploy("--dry-run", REGION="us-central1", ALLOW_CROSS_REGION="true")
+
+    assert result.returncode == 0, result.stderr
+    assert "--region=us-central1" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("fleet", "slots", "expected"),
+    [
+        (["api", "transfer_events"], 11, {"api": 9, "transfer_events": 2}),
+        (["api"], 11, {"api": 11}),
+        (["transfer_events"], 11, {"transfer_events": 11}),
+        (["api", "users", "transfer_events"], 11, {"api": 5, "users": 4, "transfer_events": 2}),
+        (["api", "transfer_events"], 3, {"api": 2, "transfer_events": 1}),
+        (["api", "transfer_events"], 1, {"api": 1, "transfer_events": 0}),
+    ],
+)
+def test_the_budget_is_shared_by_what_each_function_needs(
+    fleet: list[str], slots: int, expected: dict[str, int]
+) -> None:
+    """An event function gets EVENT_INSTANCES (2) or an even share if less; the HTTP functions
+    split the rest, the first taking what does not divide."""
+    topics = {"transfer_events": "transfer-requests"}
+
+    assert share(fleet, topics, slots, 2) == expected

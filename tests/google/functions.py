@@ -1,10 +1,10 @@
 """A stand-in for the Google APIs that ``gcloud functions deploy --gen2`` calls.
 
-Cloud Functions v2 (get, list, create, patch, generateUploadUrl, operations, runtimes), the signed
-upload URL it hands out, and the look-ups gcloud makes on the side: Cloud Build's default service
-account, the project (for its number), Service Usage (is an API enabled), Cloud Run's IAM policy
-on the function's service, and Secret Manager (``gcloud secrets versions access``).
-"""
+Cloud Functions v2 (get, list, create, patch, delete, generateUploadUrl, operations,
+runtimes), the signed upload URL it hands out, and the look-ups gcloud makes on the side:
+Cloud Build's default service account, the project (for its number), Service Usage (is an API
+enabled), Cloud Run's IAM policy on the function's service, and Secret Manager (``gcloud
+secrets versions access``)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ class FunctionsApi(JsonServer):
         fn = _LOCATION + r"/functions/(?P<name>[^/:]+)"
         self.route("GET", fn, self._get)
         self.route("PATCH", fn, self._patch)
+        self.route("DELETE", fn, self._delete)
         self.route("POST", _LOCATION + r"/functions", self._create)
         self.route("GET", _LOCATION + r"/functions", self._list)
         self.route("GET", r"/v1/projects/[^/]+/locations/[^/]+/functions",
@@ -110,6 +111,12 @@ class FunctionsApi(JsonServer):
             if path:
                 self._apply(stored, patch, [_camel(part) for part in path.split(".")])
         return self._done(match, self._deployed(stored, match))
+
+    def _delete(self, request: Received, match: re.Match[str]) -> Answer:
+        function = self.functions.pop(match["name"], None)
+        if function is None:
+            return not_found(f"Function {match['name']} does not exist")
+        return self._done(match, function)
 
     @staticmethod
     def _apply(stored: dict[str, Any], patch: dict[str, Any], keys: list[str]) -> None:
@@ -189,7 +196,7 @@ class FunctionsApi(JsonServer):
     def _runtimes(self, request: Received, match: re.Match[str]) -> Answer:
         runtimes = [
             {"name": f"python3{minor}", "environment": "GEN_2", "stage": "GA"}
-            for minor in (10, 11, 12, 13)
+            for minor in (10, 11, 12, 13, 14)
         ]
         return Answer(200, {"runtimes": runtimes})
 
