@@ -2,7 +2,9 @@
 
 Every top-level function decorated with ``@functions_framework.http`` or
 ``@functions_framework.cloud_event`` here is an entry point: ``deploy.sh`` deploys each one
-under its own name, an event function with its topic as trigger. Settings are read and checked
+under its own name, an event function with its topic as trigger. Those that serve one router
+of ``web/routes.py`` other than ``API`` repeat routes ``api`` serves: they are deployed only
+when named. Settings are read and checked
 when this module loads (a bad one stops the process); the instance's database (engine,
 pool, connector) is built on the first request that needs it, never here.
 """
