@@ -45,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     revision.add_argument("-m", "--message", required=True)
     args = parser.parse_args(argv)
 
+    if args.command == "revision" and importlib.util.find_spec("ruff") is None:
+        print(
+            "python -m db revision formats the migration it writes with ruff, which this Python"
+            " does not have: install the development tools first (scripts/test.sh does, or"
+            f" {sys.executable} -m pip install -r requirements-dev.txt)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         settings = load_settings()
         with _database_for(args.command, settings) as database:
@@ -99,15 +107,14 @@ def write_revision(config: Config, message: str) -> Path:
     names = (path.name for path in MIGRATIONS.glob("versions/*.py"))
     numbers = [int(found[1]) for name in names if (found := re.match(r"(\d+)_", name))]
     config.set_main_option("file_template", "%%(rev)s_%%(slug)s")
-    if importlib.util.find_spec("ruff") is not None:
-        hooks = {"ruff_format": "format", "ruff_fix": "check --fix --quiet"}
-        config.set_section_option("post_write_hooks", "hooks", ", ".join(hooks))
-        for hook, options in hooks.items():
-            config.set_section_option("post_write_hooks", f"{hook}.type", "module")
-            config.set_section_option("post_write_hooks", f"{hook}.module", "ruff")
-            config.set_section_option(
-                "post_write_hooks", f"{hook}.options", f"{options} REVISION_SCRIPT_FILENAME"
-            )
+    hooks = {"ruff_format": "format", "ruff_fix": "check --fix --quiet"}
+    config.set_section_option("post_write_hooks", "hooks", ", ".join(hooks))
+    for hook, options in hooks.items():
+        config.set_section_option("post_write_hooks", f"{hook}.type", "module")
+        config.set_section_option("post_write_hooks", f"{hook}.module", "ruff")
+        config.set_section_option(
+            "post_write_hooks", f"{hook}.options", f"{options} REVISION_SCRIPT_FILENAME"
+        )
     script = command.revision(
         config, message=message, autogenerate=True, rev_id=f"{max(numbers, default=0) + 1:04d}"
     )

@@ -296,13 +296,20 @@ def test_an_unreachable_database_fails_the_delivery(
 def test_a_message_pushed_to_a_path_without_its_topic_is_not_dropped(
     events_fn: Instance, users: tuple[int, int], pg: Engine
 ) -> None:
-    """A push endpoint whose path names no topic is a setting to fix: a 500, nothing recorded."""
+    """A push endpoint whose path names no topic is a setting to fix: a 500 that says what to
+    fix, so the message is redelivered once it is fixed; nothing recorded."""
     body = {
         "subscription": f"projects/{PROJECT}/subscriptions/s",
         "message": {"data": base64.b64encode(b"{}").decode(), "messageId": "6009"},
     }
 
-    assert events_fn.client.post("/", json=body).status_code == 500
+    answer = events_fn.client.post("/", json=body)
+
+    assert answer.status_code == 500
+    assert answer.json["error"]["code"] == "misrouted_event"
+    assert answer.json["error"]["message"].endswith(
+        "set the push endpoint to a path ending in /projects/PROJECT/topics/transfer-requests"
+    )
     assert handled(pg) == []
 
 

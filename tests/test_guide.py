@@ -1,9 +1,9 @@
 """The README's "Add your own function" guide, followed to the letter in a copy of the project.
 
 Each code block of the guide is marked with what to do with it: ``create PATH`` writes the
-file, ``append PATH`` adds to its end, ``patch PATH`` applies a diff (hunks separated by
-``@@``, each found once in the file by its context and removed lines), and ``run`` runs each
-command line in the copy. The last one runs the copy's own checks and tests.
+file, ``append PATH`` adds to its end, ``patch PATH`` applies a diff with ``git apply``, as a
+reader would, and ``run`` runs each command line in the copy. The last one runs the copy's own
+checks and tests.
 """
 
 from __future__ import annotations
@@ -27,22 +27,6 @@ def guide_steps() -> list[tuple[str, str | None, str]]:
     start = readme.index("## Add your own function")
     guide = readme[start : readme.index("\n## ", start + 1)]
     return [(m[1], m[2], m[3]) for m in STEP.finditer(guide)]
-
-
-def patch(text: str, diff: str) -> str:
-    """Apply each hunk of ``diff``: its context and removed lines must occur exactly once."""
-    for hunk in diff.split("@@\n"):
-        old, new = [], []
-        for line in hunk.splitlines():
-            sign, content = line[:1], line[1:]
-            if sign in (" ", "-"):
-                old.append(content)
-            if sign in (" ", "+"):
-                new.append(content)
-        before, after = "\n".join(old) + "\n", "\n".join(new) + "\n"
-        assert text.count(before) == 1, f"this hunk does not match exactly once:\n{hunk}"
-        text = text.replace(before, after)
-    return text
 
 
 def test_the_guide_marks_every_step() -> None:
@@ -69,7 +53,14 @@ def test_following_the_guide_gives_a_project_that_passes_its_checks(tmp_path: Pa
         elif action == "append":
             target.write_text(target.read_text().rstrip("\n") + "\n\n\n" + block)
         elif action == "patch":
-            target.write_text(patch(target.read_text(), block))
+            assert block.startswith(f"--- a/{path}\n+++ b/{path}\n"), path
+            diff = tmp_path / "step.diff"
+            diff.write_text(block)
+            applied = subprocess.run(
+                ["git", "apply", "--verbose", str(diff)], cwd=project, capture_output=True,
+                text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert applied.returncode == 0, f"{path}:\n{applied.stderr}"
         elif action == "run":
             for command in filter(None, block.splitlines()):
                 result = subprocess.run(

@@ -138,3 +138,19 @@ def test_revision_refuses_an_sqlite_database(project: Path, tmp_path: Path) -> N
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "PostgreSQL" in result.stderr
     assert not list((project / "db" / "migrations" / "versions").glob("0004_*.py"))
+
+
+def test_revision_without_ruff_refuses_and_says_what_to_install(project: Path) -> None:
+    """Where the development tools are missing (serve.sh's .venv), `revision` writes nothing
+    unformatted: it exits 2 naming the file that installs them."""
+    env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARIABLES}
+    without_ruff = (
+        "import runpy, sys; sys.modules['ruff'] = None; sys.argv = ['db', 'revision', '-m', 'x'];"
+        " runpy.run_module('db', run_name='__main__')"
+    )
+
+    result = _in(project, "-c", without_ruff, env=env)
+
+    assert result.returncode == 2
+    assert "requirements-dev.txt" in result.stderr
+    assert not list((project / "db" / "migrations" / "versions").glob("0004_*.py"))

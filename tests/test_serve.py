@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -122,3 +123,43 @@ def test_serve_postgres_keeps_its_data_and_stops_its_server(
     finally:
         assert again.stop() == 0
     assert not (project / ".dev" / "postgres" / "data" / "postmaster.pid").exists()
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The IPv4 addresses a socket listens on at ``port``, from /proc/net/tcp."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # LISTEN
+            found.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found
+
+
+def test_serve_says_where_it_listens_and_listens_on_this_machine_only(
+    project: Path, serve: type[Served]
+) -> None:
+    """One line names the address; the socket is bound to 127.0.0.1, not every interface."""
+    served = serve(project)
+
+    assert f"serving api on http://localhost:{served.port}" in served.log.read_text()
+    assert _listening_addresses(served.port) == {"127.0.0.1"}
+    assert served.stop() == 0
+
+
+def test_serve_on_a_taken_port_says_what_to_do(project: Path) -> None:
+    """A port another server holds: exit 1 at once, naming the port and another to try."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARIABLES}
+
+        result = subprocess.run(
+            ["bash", "scripts/serve.sh"], cwd=project, env={**env, "PORT": str(port)},
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1 port {port}" in result.stderr
+    assert f"PORT={port + 1} scripts/serve.sh" in result.stderr

@@ -215,10 +215,14 @@ def _message(identity: events.Identity, event: CloudEvent, topic: str) -> Messag
         raise unknown_event(f"events of type {identity.type} are not taken here")
     match = _PUBSUB_SOURCE.fullmatch(identity.source)
     if match is None:
-        # The push endpoint's path names no topic: a setting to fix, not a message to drop.
-        raise RuntimeError(
-            f"the event's source {identity.source!r} names no topic: push to a path"
-            f" ending in /projects/PROJECT/topics/{topic}"
+        # The push endpoint's path names no topic: a setting to fix, not a message to drop,
+        # so the answer is a 5xx (redelivered) that says what to fix.
+        raise errors.HttpError(
+            500,
+            "misrouted_event",
+            f"the push came to a path that names no topic (the event's source is"
+            f" {identity.source}): set the push endpoint to a path ending in"
+            f" /projects/PROJECT/topics/{topic}",
         )
     if match[2] != topic:
         raise unknown_event(f"messages from topic {match[2]} are not taken here, only {topic}")
