@@ -454,4 +454,19 @@ def tune_connection(dbapi_connection: Any, begin: tuple[str, ...]) -> None:
 
     dbapi_connection.register_in_adapter = register_in_adapter
     dbapi_connection.cursor = lambda: _Cursor(dbapi_connection, paramstyle=_CACHED_FORMAT)
+    close = dbapi_connection.close
+
+    def close_with_its_file() -> None:
+        # pg8000 closes the socket but only drops the file it reads and writes through, and
+        # the socket's descriptor stays open until that file is collected: with the tuned
+        # connection's reference cycle, at the next garbage collection.
+        file = dbapi_connection._sock
+        try:
+            close()
+        finally:
+            if file is not None:
+                with contextlib.suppress(OSError, ValueError):  # its buffer cannot be sent
+                    file.close()
+
+    dbapi_connection.close = close_with_its_file
     dbapi_connection.register_in_adapter(TIMESTAMPTZ_OID, _timestamptz)
