@@ -39,6 +39,12 @@ connection an engine opens, and on no other connection:
 These replace private methods of pg8000, so they are applied only to the pg8000 versions
 in ``TESTED_PG8000``, which the test suite has run against; with any other version, or with
 ``DB_DRIVER_TUNING=false``, connections are pg8000's own (``db/engine.py`` decides).
+
+One mend is not tuning and applies with ``DB_DRIVER_TUNING=false`` too (``mend_close``):
+pg8000's ``close`` closes the socket but only drops the file it reads and writes through, and
+when the connection is already gone (writing its goodbye fails) that file, still holding the
+goodbye, is collected late and the socket's descriptor with it: on Python 3.13, as an unclosed
+socket at some later garbage collection.
 """
 
 from __future__ import annotations
@@ -431,6 +437,28 @@ class _Cursor(pg8000.legacy.Cursor):  # type: ignore[misc]
         return self
 
 
+def _close(connection: Any) -> None:
+    """pg8000's ``close``, which also closes the connection's file, whatever happens."""
+    sock, file = connection._usock, connection._sock
+    if sock is None:
+        raise pg8000.core.InterfaceError("connection is closed")
+    try:
+        file.write(pg8000.core.TERMINATE_MSG)
+        file.flush()
+    except OSError as error:
+        raise pg8000.core.InterfaceError("network error") from error
+    finally:
+        connection._sock = connection._usock = None
+        with contextlib.suppress(OSError, ValueError):  # the goodbye it could not send
+            file.close()
+        sock.close()
+
+
+def mend_close() -> None:
+    """Make every pg8000 connection close its file with its socket (module docstring)."""
+    _core.close = _close
+
+
 def tune_connection(dbapi_connection: Any, begin: tuple[str, ...]) -> None:
     """Tune one new pg8000 connection (the module docstring lists how); ``begin`` are the
     statements that open each of its transactions: ``BEGIN``, then ``SET LOCAL ...``."""
@@ -454,19 +482,4 @@ def tune_connection(dbapi_connection: Any, begin: tuple[str, ...]) -> None:
 
     dbapi_connection.register_in_adapter = register_in_adapter
     dbapi_connection.cursor = lambda: _Cursor(dbapi_connection, paramstyle=_CACHED_FORMAT)
-    close = dbapi_connection.close
-
-    def close_with_its_file() -> None:
-        # pg8000 closes the socket but only drops the file it reads and writes through, and
-        # the socket's descriptor stays open until that file is collected: with the tuned
-        # connection's reference cycle, at the next garbage collection.
-        file = dbapi_connection._sock
-        try:
-            close()
-        finally:
-            if file is not None:
-                with contextlib.suppress(OSError, ValueError):  # its buffer cannot be sent
-                    file.close()
-
-    dbapi_connection.close = close_with_its_file
     dbapi_connection.register_in_adapter(TIMESTAMPTZ_OID, _timestamptz)

@@ -259,6 +259,8 @@ def _set_timeouts_per_transaction(engine: Engine, settings: Settings) -> None:
     # Each new connection is set up ahead of SQLAlchemy's own first queries on it (insert=True):
     # an instance frozen during those holds a transaction the idle timeout still ends.
     begin = ("BEGIN", *transaction_settings(settings))
+    if driver.is_tested():
+        driver.mend_close()
     if settings.driver_tuning and driver.is_tested():
         # The settings ride in the same write as BEGIN and the first statement: no round trip.
         event.listen(

@@ -1,14 +1,41 @@
 #!/usr/bin/env bash
-# Install what the tests need and run every check: ruff, mypy and the test suite.
+# Install what the tests need and run every check: ruff, mypy and the test suite, the suite on
+# the oldest and the newest Python this project supports (3.11 to 3.14) that are installed
+# here, each in a virtual environment of its own (.venv for the first, .venv-3.X for the other).
+# PYTHON=python3.12 runs everything on that one Python instead.
 # Extra arguments go to pytest, e.g. scripts/test.sh -k users -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python=${PYTHON:-python3}
-if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-  echo "Python 3.11 or newer is needed as '$python' (set PYTHON=...)" >&2
-  exit 1
+# The first of python3.MINOR for the minors given that runs: on PATH, or installed by pyenv.
+find_python() {
+  local minor candidate
+  for minor in "$@"; do
+    for candidate in "python3.$minor" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3."$minor".*/bin/python3."$minor"; do
+      if command -v "$candidate" >/dev/null 2>&1 \
+        && "$candidate" -c "import sys; sys.exit(sys.version_info[:2] != (3, $minor))" 2>/dev/null; then
+        echo "$candidate"
+        return 0
+      fi
+    done
+  done
+  return 1
+}
+
+if [ -n "${PYTHON:-}" ]; then
+  pythons=("$PYTHON")
+else
+  oldest=$(find_python 11 12 13 14 || echo python3)
+  newest=$(find_python 14 13 12 11 || echo python3)
+  pythons=("$oldest")
+  if [ "$newest" != "$oldest" ]; then pythons+=("$newest"); fi
 fi
+for python in "${pythons[@]}"; do
+  if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "Python 3.11 or newer is needed as '$python' (set PYTHON=...)" >&2
+    exit 1
+  fi
+done
 
 # The suite starts its own PostgreSQL, PgBouncer and Pub/Sub emulator: only their programs
 # must be installed.
@@ -38,12 +65,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-if [ ! -x .venv/bin/python ]; then
-  "$python" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+# The first Python's environment is .venv, the one scripts/serve.sh uses too.
+venvs=()
+for python in "${pythons[@]}"; do
+  venv=.venv
+  if [ ${#venvs[@]} -gt 0 ]; then
+    venv=.venv-$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  fi
+  if [ ! -x "$venv/bin/python" ]; then
+    "$python" -m venv "$venv"
+  fi
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+  venvs+=("$venv")
+done
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy .
-.venv/bin/python -m pytest "$@"
+for venv in "${venvs[@]}"; do
+  echo "pytest on $("$venv/bin/python" --version)"
+  "$venv/bin/python" -m pytest "$@"
+done

@@ -24,7 +24,9 @@ def copy_of_the_project(destination: Path, clutter: Iterable[str] = ()) -> list[
         paths = [
             str(path.relative_to(ROOT))
             for path in ROOT.rglob("*")
-            if path.is_file() and not {".git", ".venv", "__pycache__"} & set(path.parts)
+            if path.is_file()
+            and not {".git", ".venv", "__pycache__"} & set(path.parts)
+            and not any(part.startswith(".venv-") for part in path.parts)
         ]
     for path in paths:
         target = destination / path

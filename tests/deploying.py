@@ -41,8 +41,9 @@ SETTINGS = {
 RUNTIME_TOP_LEVEL = ("main.py", "requirements.txt", "db", "service", "web")
 RUNTIME_DOCUMENTS = ("docs/openapi.yaml",)  # served by the api function
 # Files a working copy holds that must never be uploaded.
-LOCAL_CLUTTER = [".venv/lib/python3.11/site.py", "__pycache__/main.cpython-311.pyc",
-                 "db/__pycache__/engine.cpython-311.pyc", "web/__pycache__/http.cpython-311.pyc",
+LOCAL_CLUTTER = [".venv/lib/python3.11/site.py", ".venv-3.13/lib/python3.13/site.py",
+                 "__pycache__/main.cpython-311.pyc", "db/__pycache__/engine.cpython-311.pyc",
+                 "web/__pycache__/http.cpython-311.pyc",
                  "app.db", "app.db-wal", "db/local.db", ".env", "notes.txt", ".git/config",
                  ".pytest_cache/v/x", ".mypy_cache/x.json", ".ruff_cache/x",
                  "bench/results/x"]  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,7 @@ def test_following_the_guide_gives_a_project_that_passes_its_checks(tmp_path: Pa
     copy_of_the_project(project)
     (project / ".venv").symlink_to(ROOT / ".venv")
     env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARIABLES}
+    env["PYTHON"] = sys.executable  # the copy's checks on this Python: the suite runs on both
 
     for action, path, block in guide_steps():
         target = project / path if path else project
