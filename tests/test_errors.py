@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from collections.abc import Callable
@@ -73,8 +74,8 @@ def test_a_table_missing_on_sqlite_is_a_500_with_a_clear_log_line(
     monkeypatch.setenv("LOG_FORMAT", "json")
     client = instances().client
     assert client.get("/items").status_code == 200
-    with sqlite3.connect(tmp_path / "app.db") as connection:
-        connection.execute("DROP TABLE items")
+    with contextlib.closing(sqlite3.connect(tmp_path / "app.db")) as connection:
+        connection.execute("DROP TABLE items")  # a DDL statement: committed as it runs
     capsys.readouterr()
 
     response = client.get("/items")
