@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import signal
@@ -337,6 +338,9 @@ def _connect(dialect: Any, cargs: Any, cparams: dict[str, Any], ssl_context: Any
         raise dialect.loaded_dbapi.InterfaceError(
             f"can't create a connection to {address[0]} port {address[1]}"
         ) from error
+    timeout = sock.gettimeout()
+    sock = _Socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    sock.settimeout(timeout)  # a socket made from a descriptor would not know it
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         # pg8000.connect() takes no socket; the Connection it would make does.
@@ -344,8 +348,27 @@ def _connect(dialect: Any, cargs: Any, cparams: dict[str, Any], ssl_context: Any
             *cargs, **cparams, sock=sock, ssl_context=ssl_context
         )
     except BaseException:
+        for file in sock.files:  # a failed startup leaves its packet in the file's buffer
+            with contextlib.suppress(OSError, ValueError):
+                file.close()
         sock.close()
         raise
+
+
+class _Socket(socket.socket):
+    """A socket that keeps the files made from it, so that a failed connect closes them too:
+    a file collected later would try to send what it holds on a closed socket."""
+
+    __slots__ = ("files",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.files: list[Any] = []
+
+    def makefile(self, *args: Any, **kwargs: Any) -> Any:
+        file = super().makefile(*args, **kwargs)
+        self.files.append(file)
+        return file
 
 
 def _sqlite_engine(settings: Settings) -> Engine:
