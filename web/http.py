@@ -361,6 +361,8 @@ def json_value(raw: bytes) -> Any:
     if _SURROGATE_ESCAPE.search(raw):  # a pair decodes to one character; a lone one stays
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except RecursionError:  # as deep as the parser went, and no deeper
+            raise ValueError("is not valid JSON") from None
         except UnicodeEncodeError:
             raise ValueError(
                 "escapes half of a surrogate pair, which stands for no character"
