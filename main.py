@@ -19,7 +19,7 @@ from werkzeug.exceptions import HTTPException
 from db.config import startup_settings
 from db.engine import Database
 from service.transfers import create_transfer
-from web import events, http, routes
+from web import events, http, relay, routes
 from web.logs import configure_logging
 from web.transfers import new_transfer
 
@@ -56,6 +56,12 @@ def health(request: flask.Request) -> flask.Response:
 def api(request: flask.Request) -> flask.Response:
     """Every resource, by path, and the OpenAPI document at ``/openapi.json``."""
     return http.serve(request, database, routes.API)
+
+
+@functions_framework.http
+def relay_outbox(request: flask.Request) -> flask.Response:
+    """``POST /``, every minute from Cloud Scheduler: publish every event the outbox holds."""
+    return relay.serve(request, database)
 
 
 @functions_framework.cloud_event

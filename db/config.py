@@ -24,6 +24,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("json", "text")
 SQLITE_FILE = "app.db"
 
+# A project id, or a domain-scoped one (example.com:project).
+_PROJECT = re.compile(r"^(?:[a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+_HOST_PORT = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}$")
 _INSTANCE_CONNECTION_NAME = re.compile(r"^(?:[a-z0-9.-]+:)?[a-z0-9-]+:[a-z0-9-]+:[a-z0-9-]+$")
 
 
@@ -52,6 +55,16 @@ class CloudSqlSettings:
 
 
 @dataclass(frozen=True)
+class PubSubSettings:
+    """Where the outbox publishes (``db/outbox.py``): a project's topics, through the emulator
+    at ``emulator_host`` when one is given (as Google's client libraries do), else Google's."""
+
+    project: str
+    emulator_host: str | None = None
+    publish_timeout: float = 1.0  # PUBLISH_TIMEOUT: seconds a request may wait on Pub/Sub
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the instance needs to reach its database, validated."""
 
@@ -69,6 +82,7 @@ class Settings:
     driver_tuning: bool = True  # db/driver.py; off: pg8000 as installed
     password_file: str | None = None  # DB_PASS_FILE: read at every new connection
     body_timeout: float = 10.0  # BODY_TIMEOUT: seconds a request's body may take to arrive
+    pubsub: PubSubSettings | None = None  # None: events wait in the outbox
 
     def password(self) -> str | None:
         """The password for a new connection: ``DB_PASS_FILE``'s content as it is now, or
@@ -115,6 +129,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         driver_tuning=env.boolean("DB_DRIVER_TUNING", default=True),
         password_file=password_file,
         body_timeout=env.seconds("BODY_TIMEOUT", default=10.0),
+        pubsub=_pubsub_settings(env),
     )
 
 
@@ -125,11 +140,18 @@ def startup_settings() -> Settings:
     serves anything: on Cloud Run a revision that fails to start never receives
     traffic, and the previous one keeps serving.
     """
+    log = logging.getLogger(__name__)
     try:
-        return load_settings()
+        settings = load_settings()
     except ConfigError as error:
-        logging.getLogger(__name__).critical("configuration error: %s", error)
+        log.critical("configuration error: %s", error)
         raise SystemExit(2) from None
+    if settings.pubsub is None:
+        log.info(
+            "no Pub/Sub configured (neither GOOGLE_CLOUD_PROJECT nor PUBSUB_EMULATOR_HOST):"
+            " events wait in the outbox_events table, and nothing is published"
+        )
+    return settings
 
 
 def request_threads(environ: Mapping[str, str] | None = None) -> int:
@@ -155,6 +177,22 @@ def log_format(environ: Mapping[str, str] | None = None) -> str:
     if chosen not in LOG_FORMATS:
         raise ConfigError(f"LOG_FORMAT must be json or text, got {chosen!r}")
     return chosen
+
+
+def _pubsub_settings(env: _Env) -> PubSubSettings | None:
+    project, emulator = env.get("GOOGLE_CLOUD_PROJECT"), env.get("PUBSUB_EMULATOR_HOST")
+    timeout = env.seconds("PUBLISH_TIMEOUT", default=1.0)
+    if project is None:
+        if emulator is not None:
+            raise ConfigError(
+                "PUBSUB_EMULATOR_HOST needs GOOGLE_CLOUD_PROJECT, the project of its topics"
+            )
+        return None
+    if not _PROJECT.fullmatch(project):
+        raise ConfigError(f"GOOGLE_CLOUD_PROJECT is not a project id: {project!r}")
+    if emulator is not None and not _HOST_PORT.fullmatch(emulator):
+        raise ConfigError(f"PUBSUB_EMULATOR_HOST must be HOST:PORT, got {emulator!r}")
+    return PubSubSettings(project, emulator, timeout)
 
 
 def _database_url(raw: str) -> tuple[URL, str]:

@@ -23,7 +23,9 @@ connection an engine opens, and on no other connection:
   output several times faster (pg8000's parser remains the fallback).
 - It has no way to send a statement whose answer can wait. ``send_ahead`` queues one (an
   event's claim, ``web/events.py``) to go out after ``BEGIN`` in the same write as the
-  transaction's next statement; its row count is checked once the answers are read.
+  transaction's next statement; ``send_with_next`` one (an outbox row, ``db/outbox.py``) to go
+  with the next statement or the ``COMMIT``. Its row count is checked once the answers are
+  read.
 - It reads each answer message in two calls of a buffered file (header, then body): about 26
   calls for a small transaction. Here the messages already in the buffer are parsed in
   place, and the buffer advanced once for all of them; a message larger than the buffer still
@@ -216,6 +218,17 @@ class _Tuned:
             raise RuntimeError("send_ahead needs a transaction the server has not seen yet")
         self.ahead.append(_Ahead(statement, values, check))
 
+    def send_with_next(
+        self, statement: str, values: tuple[Any, ...], check: Callable[[int], None]
+    ) -> None:
+        """Send ``statement`` as ``send_ahead`` does, at any point of a transaction: in the
+        same write as the transaction's next statement, or as its ``COMMIT``, whichever comes
+        first. An error in it fails that statement, or the commit (the server then rolls the
+        transaction back)."""
+        if not self.connection._in_transaction:
+            self.execute_simple("begin transaction")  # as pg8000 does before a statement
+        self.ahead.append(_Ahead(statement, values, check))
+
     def execute_simple(self, statement: str) -> Any:
         connection = self.connection
         if statement == "begin transaction":  # pg8000's implicit BEGIN: sent with what follows
@@ -255,6 +268,9 @@ class _Tuned:
         return context
 
     def commit(self) -> None:
+        if self.ahead:
+            self._commit_with_ahead()
+            return
         if self._forget_begin():
             return
         if self.began_read_only:
@@ -267,6 +283,16 @@ class _Tuned:
             return
         self._read_commits()
         _core.execute_simple(self.connection, "commit")
+
+    def _commit_with_ahead(self) -> None:
+        """COMMIT in the same write as the statements still to send; their errors first."""
+        self._read_commits()
+        self.began_read_only = False
+        batch = _Batch(self.connection)
+        earlier = self._open(batch)
+        batch.query("commit")
+        batch.send(self.connection._sock)
+        self._receive(earlier, pg8000.core.Context("commit"))
 
     def rollback(self) -> None:
         self.began_read_only = False
@@ -377,8 +403,11 @@ class _Tuned:
         try:
             if context is not None:
                 connection.handle_messages(context)
-        except pg8000.core.DatabaseError:
-            if first_error is None:
+        except (pg8000.core.DatabaseError, pg8000.core.InterfaceError):
+            # The server's answer to the statement after a failed one (pg8000 calls a COMMIT
+            # that rolled back "in failed transaction block") yields to the first failure; a
+            # lost connection, raised by the read itself, does not.
+            if first_error is None or context.error is None:
                 raise
         if first_error is not None:
             raise first_error

@@ -23,6 +23,7 @@ from db import driver
 from db.config import Settings
 from db.errors import is_disconnect
 from db.outage import describe, outages
+from db.pubsub import Publisher
 
 # How long a connection may sit in the pool before it is checked on its way out: long
 # enough that a busy instance never pays for the check, short enough that a connection a
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 
 
 class Database:
-    """An instance's engine, session factory and Cloud SQL connector, for validated settings.
+    """An instance's engine, session factory, Cloud SQL connector and Pub/Sub publisher, for
+    validated settings.
 
     Nothing is built or connected until first use; ``dispose()`` returns the
     instance to that state. Each deployed function process holds one.
@@ -45,6 +47,7 @@ class Database:
         self._engine: Engine | None = None
         self._sessionmaker: orm.sessionmaker[Session] | None = None
         self._connector: Any = None
+        self._publisher: Publisher | None = None
 
     @property
     def engine(self) -> Engine:
@@ -57,6 +60,15 @@ class Database:
         return self._built()[1]
 
     @property
+    def publisher(self) -> Publisher | None:
+        """The Pub/Sub publisher of the outbox, built on first use; None without Pub/Sub."""
+        if self._publisher is None and self.settings.pubsub is not None:
+            with self._lock:
+                if self._publisher is None:
+                    self._publisher = Publisher(self.settings.pubsub)
+        return self._publisher
+
+    @property
     def is_built(self) -> bool:
         """Whether the engine exists (for diagnostics and tests)."""
         return self._engine is not None
@@ -64,8 +76,10 @@ class Database:
     def dispose(self) -> None:
         """Close every pooled connection and the connector; the next use builds anew."""
         with self._lock:
-            engine, connector = self._engine, self._connector
-            self._engine = self._sessionmaker = self._connector = None
+            engine, connector, publisher = self._engine, self._connector, self._publisher
+            self._engine = self._sessionmaker = self._connector = self._publisher = None
+        if publisher is not None:
+            publisher.close()
         if engine is not None:
             engine.dispose()
         if connector is not None:

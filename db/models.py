@@ -14,6 +14,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -127,3 +128,30 @@ class HandledEvent(Base):
     outcome: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(String(2000))
     handled_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class OutboxEvent(Base):
+    """An event to publish, written in the transaction of what it announces (``db/outbox.py``).
+
+    ``published_at`` stays empty until Pub/Sub accepted it; published rows are purged after
+    the retention period.
+    """
+
+    __tablename__ = "outbox_events"
+    __table_args__ = (
+        Index(
+            "ix_outbox_events_waiting",
+            "id",
+            postgresql_where="published_at IS NULL",
+            sqlite_where="published_at IS NULL",
+        ),
+        Index("ix_outbox_events_published_at", "published_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(36), unique=True)
+    topic: Mapped[str] = mapped_column(String(255))
+    data: Mapped[str] = mapped_column(Text)
+    attributes: Mapped[dict[str, str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

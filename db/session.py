@@ -1,7 +1,8 @@
 """The per-request scope: one fresh Session, one transaction, always closed.
 
 Every HTTP function runs its work through ``transaction()``. The work receives
-the session, may flush, and never commits: the commit policy lives here alone.
+the session, may flush, and never commits: the commit policy lives here alone, and so does
+publishing the events a committed transaction emitted (``db/outbox.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TypeVar
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from db import outbox
 from db.engine import Database
 from db.errors import CommitOutcomeUnknown, Failure, classify, lost_connection
 from db.outage import describe, outages
@@ -50,11 +52,14 @@ def transaction(
     new session, up to ``max_attempts`` times with jittered backoff. A connection
     lost during COMMIT raises ``CommitOutcomeUnknown`` and is not retried, unless the
     transaction was read-only: then there was nothing to lose, and the result stands.
+
+    Once committed, the events ``work`` emitted (``outbox.emit``) are published, before this
+    returns and so before the answer; one that cannot be published waits in the outbox.
     """
     attempt = 1
     while True:
         try:
-            result = _attempt(database, work, read_only=read_only)
+            result, emitted = _attempt(database, work, read_only=read_only)
         except (DBAPIError, OSError) as error:
             if attempt >= max_attempts or not _retryable(error):
                 raise
@@ -62,6 +67,8 @@ def transaction(
                 log.info("transaction attempt %d failed (%s), retrying", attempt, describe(error))
         else:
             outages.success()
+            if emitted:
+                outbox.publish_committed(database, emitted)
             return result
         # Jitter spreads the retries of colliding transactions; it needs no cryptographic quality.
         time.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)))  # noqa: S311
@@ -72,14 +79,17 @@ def _retryable(error: DBAPIError | OSError) -> bool:
     return classify(error) is Failure.TRANSIENT or lost_connection(error)
 
 
-def _attempt(database: Database, work: Callable[[Session], T], *, read_only: bool) -> T:
+def _attempt(
+    database: Database, work: Callable[[Session], T], *, read_only: bool
+) -> tuple[T, list[outbox.Event]]:
+    """One try of ``work``: its result and the events it emitted, once committed."""
     session = database.sessionmaker()
     try:
         session.info["read_only"] = read_only  # db/engine.py opens the transaction so
         result = work(session)
         session.flush()  # failures here are before COMMIT, like any other statement
         _commit(session, read_only=read_only)
-        return result
+        return result, session.info.get(outbox.EMITTED, [])
     except BaseException:
         _roll_back(session)
         raise

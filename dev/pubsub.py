@@ -105,6 +105,37 @@ class PubSubEmulator:
             },
         )
 
+    def create_pull_subscription(self, name: str, topic: str) -> None:
+        """A pull subscription on ``topic``, to read what was published there."""
+        self._call(
+            "PUT",
+            f"/subscriptions/{name}",
+            {"topic": f"projects/{self.project}/topics/{topic}", "ackDeadlineSeconds": 60},
+        )
+
+    def pull(self, subscription: str, *, wait: float = 2.0) -> list[dict[str, Any]]:
+        """Every message the subscription holds (each acknowledged), with its data decoded;
+        returns once a pull finds none for ``wait`` seconds."""
+        received: list[dict[str, Any]] = []
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < wait:
+            answer = self._call(
+                "POST", f"/subscriptions/{subscription}:pull",
+                {"maxMessages": 1000, "returnImmediately": True},
+            )  # fmt: skip
+            messages = answer.get("receivedMessages", [])
+            if not messages:
+                time.sleep(0.1)
+                continue
+            quiet_since = time.monotonic()
+            for item in messages:
+                message = item["message"]
+                message["data"] = base64.b64decode(message.get("data", ""))
+                received.append(message)
+            acks = [item["ackId"] for item in messages]
+            self._call("POST", f"/subscriptions/{subscription}:acknowledge", {"ackIds": acks})
+        return received
+
     def publish(
         self, topic: str, messages: list[bytes], attributes: dict[str, str] | None = None
     ) -> list[str]:

@@ -1,4 +1,4 @@
-"""Transfers: money moved between two balances atomically."""
+"""Transfers: money moved between two balances atomically, each announced on a topic."""
 
 from __future__ import annotations
 
@@ -7,8 +7,14 @@ from collections.abc import Sequence
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from db import outbox
 from db.models import MAX_BIGINT, Transfer, User, utcnow
 from service.errors import Conflict, InsufficientFunds, NotFound
+from web import representations
+
+# Every committed transfer is published here, its data what GET /transfers/{id} answers.
+COMPLETED_TOPIC = "transfer-completed"
+COMPLETED_TYPE = "transfer.completed"
 
 
 def create_transfer(
@@ -19,7 +25,7 @@ def create_transfer(
     Both rows are locked FOR UPDATE in id order, so concurrent transfers queue
     instead of deadlocking, and each sees the balances the previous one left.
     Raises ``NotFound``, ``InsufficientFunds``, or ``Conflict`` when the
-    receiver's balance would pass 2^63-1.
+    receiver's balance would pass 2^63-1. Emits a ``transfer.completed`` event.
     """
     locked = session.scalars(
         select(User)
@@ -46,6 +52,12 @@ def create_transfer(
     )
     session.add(transfer)
     session.flush()
+    outbox.emit(
+        session,
+        COMPLETED_TOPIC,
+        representations.transfer(transfer),
+        attributes={"event_type": COMPLETED_TYPE},
+    )
     return transfer
 
 

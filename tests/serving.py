@@ -142,6 +142,14 @@ class ServedFunction:
         status = Path(f"/proc/{children.split()[0]}/status").read_text()
         return int(status.split("VmRSS:")[1].split()[0]) / 1024
 
+    def kill(self) -> None:
+        """SIGKILL gunicorn's worker and its master at once, as an instance that is lost."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
+        for pid in [*map(int, children.split()), self.process.pid]:
+            os.kill(pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
     def stop(self) -> None:
-        self.process.terminate()
+        if self.process.poll() is None:
+            self.process.terminate()
         self.process.wait(timeout=30)

@@ -73,4 +73,4 @@ def test_following_the_guide_gives_a_project_that_passes_its_checks(tmp_path: Pa
         else:
             pytest.fail(f"unknown guide action {action}")
 
-    assert (project / "db" / "migrations" / "versions" / "0004_notes.py").exists()
+    assert (project / "db" / "migrations" / "versions" / "0005_notes.py").exists()

@@ -99,18 +99,18 @@ def _columns(url: str) -> set[str]:
 def test_revision_writes_the_next_numbered_migration_that_upgrades_and_downgrades(
     project: Path, empty_database: str
 ) -> None:
-    """With no database configured, `revision` starts PostgreSQL and writes 0004, clean under
+    """With no database configured, `revision` starts PostgreSQL and writes 0005, clean under
     ruff, which adds the columns, passes `check`, and removes them again."""
     env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARIABLES}
 
     written = _in(project, "-m", "db", "revision", "-m", "add a nickname", env=env)
 
     assert written.returncode == 0, written.stderr
-    [migration] = (project / "db" / "migrations" / "versions").glob("0004_*.py")
-    assert migration.name == "0004_add_a_nickname.py"
+    [migration] = (project / "db" / "migrations" / "versions").glob("0005_*.py")
+    assert migration.name == "0005_add_a_nickname.py"
     source = migration.read_text()
-    assert 'revision = "0004"' in source
-    assert 'down_revision = "0003"' in source
+    assert 'revision = "0005"' in source
+    assert 'down_revision = "0004"' in source
     assert "from db.types import UTCDateTime" in source
     assert "batch_alter_table" not in source
     for check in (["check"], ["format", "--check"]):
@@ -137,7 +137,7 @@ def test_revision_refuses_an_sqlite_database(project: Path, tmp_path: Path) -> N
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "PostgreSQL" in result.stderr
-    assert not list((project / "db" / "migrations" / "versions").glob("0004_*.py"))
+    assert not list((project / "db" / "migrations" / "versions").glob("0005_*.py"))
 
 
 def test_revision_without_ruff_refuses_and_says_what_to_install(project: Path) -> None:
@@ -153,4 +153,4 @@ def test_revision_without_ruff_refuses_and_says_what_to_install(project: Path) -
 
     assert result.returncode == 2
     assert "requirements-dev.txt" in result.stderr
-    assert not list((project / "db" / "migrations" / "versions").glob("0004_*.py"))
+    assert not list((project / "db" / "migrations" / "versions").glob("0005_*.py"))

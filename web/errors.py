@@ -12,6 +12,7 @@ from typing import Any
 
 from db.errors import Failure, classify, sqlstate
 from db.outage import describe, outages
+from db.pubsub import PublishFailed
 from service.errors import (
     Conflict,
     DomainError,
@@ -98,6 +99,11 @@ def error_reply(error: BaseException) -> Reply:
     if isinstance(error, DomainError):
         status = next(code for kind, code in _DOMAIN_STATUS if isinstance(error, kind))
         return _reply(status, error.code, error.message, error.details)
+    if isinstance(error, PublishFailed):
+        log.warning("the outbox's events were not published: %s", error)
+        return _reply(
+            503, "pubsub_unavailable", "Pub/Sub did not take the events; they wait in the outbox"
+        )
     failure = classify(error)
     if failure is Failure.SCHEMA_MISMATCH:
         log.error(

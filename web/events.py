@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import functools
 import logging
 import re
@@ -44,6 +45,9 @@ from web.logs import current_request, request_context
 log = logging.getLogger(__name__)
 
 PUBSUB_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
+# The attribute that names an event across its publishes (db/outbox.py sets it).
+EVENT_ID_ATTRIBUTE = "event_id"
+MAX_EVENT_ID = 255
 _PUBSUB_SOURCE = re.compile(r"//pubsub\.googleapis\.com/projects/([^/]+)/topics/([^/]+)")
 _LOG_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -150,6 +154,7 @@ def _deliver(
 
     try:
         message = _message(identity, event, topic)
+        identity = _identity_of(identity, message)
 
         def apply(session: Session) -> None:
             claim = events.claim(session, identity)
@@ -243,6 +248,19 @@ def _message(identity: events.Identity, event: CloudEvent, topic: str) -> Messag
         {str(k): str(v) for k, v in attributes.items()},
         envelope.get("publishTime"),
     )
+
+
+def _identity_of(delivered: events.Identity, message: Message) -> events.Identity:
+    """The event a message stands for: the one its ``event_id`` attribute names, when it has
+    one (its producer republishes it with the same value), else the message itself."""
+    event_id = message.attributes.get(EVENT_ID_ATTRIBUTE)
+    if event_id is None:
+        return delivered
+    if not event_id.strip() or len(event_id) > MAX_EVENT_ID:
+        raise malformed_event(
+            f"the message's event_id attribute must be 1 to {MAX_EVENT_ID} characters, not blank"
+        )
+    return dataclasses.replace(delivered, id=f"{EVENT_ID_ATTRIBUTE}:{event_id}")
 
 
 def _reason(reply: Reply) -> str:

@@ -141,7 +141,7 @@ class Router:
 
 def serve(request: flask.Request, database: Database, router: Router) -> flask.Response:
     """Answer one request; every outcome, including unexpected errors, is a JSON response."""
-    return _respond(request, database, lambda: _handle(request, database, router))
+    return respond(request, database, lambda: _handle(request, database, router))
 
 
 def request_scope(
@@ -180,16 +180,18 @@ def request_scope(
 
         @functools.wraps(function)
         def entry_point(request: flask.Request) -> flask.Response:
-            return _respond(request, database, lambda: handle(request))
+            return respond(request, database, lambda: handle(request))
 
         return entry_point
 
     return decorate
 
 
-def _respond(
+def respond(
     request: flask.Request, database: Database, handle: Callable[[], Reply]
 ) -> flask.Response:
+    """Answer with the reply ``handle`` returns, or the error body of what it raises; one log
+    line with the request id, which every line written meanwhile carries too."""
     started = time.perf_counter()
     context = request_context(_request_id(request), request.headers)
     token = current_request.set(context)
