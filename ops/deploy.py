@@ -18,7 +18,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +43,7 @@ _DEFAULTS = {
     "EVENT_INSTANCES": "2",
     "MIN_INSTANCES": "0",
     "ALLOW_CROSS_REGION": "false",
+    "RELAY_SCHEDULE": "* * * * *",
 }
 # The Python runtimes of Cloud Run functions this project runs on (3.11 and newer); the suite
 # runs on the oldest and the newest of those it can install.
@@ -61,20 +62,29 @@ class Refused(Exception):
 class EntryPoint:
     """A function of main.py: ``topic`` for an event function, None for an HTTP one;
     ``part_of_api`` for an HTTP function serving a router of ``web/routes.py`` other than
-    ``API``, whose routes the ``api`` function serves too."""
+    ``API``, whose routes the ``api`` function serves too; ``relay`` for the outbox's relay."""
 
     name: str
     topic: str | None = None
     part_of_api: bool = False
+    relay: bool = False  # the outbox's relay (``relay.serve``), called by Cloud Scheduler
+
+
+def _returned_call(node: ast.FunctionDef, function: str) -> ast.Call | None:
+    """The call of a body that is ``return FUNCTION(...)`` alone, or None."""
+    body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+    if len(body) != 1 or not isinstance(body[0], ast.Return):
+        return None
+    call = body[0].value
+    if not isinstance(call, ast.Call) or ast.unparse(call.func) != function:
+        return None
+    return call
 
 
 def _serves_part_of_api(node: ast.FunctionDef) -> bool:
     """True for ``return http.serve(request, database, routes.NAME)`` with NAME not API."""
-    body = node.body[1:] if ast.get_docstring(node) is not None else node.body
-    if len(body) != 1 or not isinstance(body[0], ast.Return):
-        return False
-    call = body[0].value
-    if not isinstance(call, ast.Call) or ast.unparse(call.func) != "http.serve":
+    call = _returned_call(node, "http.serve")
+    if call is None:
         return False
     router = call.args[2] if len(call.args) == 3 else None
     return (
@@ -92,7 +102,13 @@ def entry_points(source: Path) -> list[EntryPoint]:
             continue
         decorators = [ast.unparse(decorator) for decorator in node.decorator_list]
         if "functions_framework.http" in decorators:
-            found.append(EntryPoint(node.name, part_of_api=_serves_part_of_api(node)))
+            found.append(
+                EntryPoint(
+                    node.name,
+                    part_of_api=_serves_part_of_api(node),
+                    relay=_returned_call(node, "relay.serve") is not None,
+                )
+            )
         elif "functions_framework.cloud_event" in decorators:
             topics = [
                 keyword.value.value
@@ -162,6 +178,7 @@ class Settings:
         self.given = {name: value for name, value in environ.items() if value}
         self.values = {**_DEFAULTS, **self.given}
         self.values.setdefault("TRIGGER_SERVICE_ACCOUNT", self.get("SERVICE_ACCOUNT"))
+        self.values.setdefault("SCHEDULER_SERVICE_ACCOUNT", self.get("TRIGGER_SERVICE_ACCOUNT"))
         self.mode = "url" if self.get("DATABASE_URL_SECRET") else "connector"
         names = [entry.name for entry in found]
         if "FUNCTIONS" in self.given:
@@ -248,7 +265,8 @@ class Settings:
         for name in ("PROJECT_ID", "REGION", "SERVICE_ACCOUNT"):
             if not self.get(name):
                 self.problems.append(f"{name} is not set")
-        for name in ("SERVICE_ACCOUNT", "BUILD_SERVICE_ACCOUNT", "TRIGGER_SERVICE_ACCOUNT"):
+        for name in ("SERVICE_ACCOUNT", "BUILD_SERVICE_ACCOUNT", "TRIGGER_SERVICE_ACCOUNT",
+                     "SCHEDULER_SERVICE_ACCOUNT"):  # fmt: skip
             value = self.get(name)
             if value and not _EMAIL.match(value):
                 self.problems.append(f"{name} must be a service account email, got '{value}'")
@@ -293,6 +311,9 @@ class Settings:
 
     def _check_values(self) -> None:
         problem = self.problems.append
+        schedule = self.get("RELAY_SCHEDULE")
+        if len(schedule.split()) != 5 or not re.fullmatch(r"[0-9*/,\- ]+", schedule):
+            problem(f"RELAY_SCHEDULE must be a cron schedule of 5 fields, got '{schedule}'")
         level = self.get("LOG_LEVEL")
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problem(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got '{level}'")
@@ -330,20 +351,28 @@ def secret_ref(secret: str) -> str:
 
 
 def share(
-    fleet: Sequence[str], topics: Mapping[str, str | None], slots: int, event_instances: int
+    fleet: Sequence[str],
+    topics: Mapping[str, str | None],
+    slots: int,
+    event_instances: int,
+    relays: Collection[str] = (),
 ) -> dict[str, int]:
     """Each function's most instances, out of ``slots`` instances for the whole deployment.
 
-    An event function gets ``event_instances`` (no more than an even share): Pub/Sub holds
-    what waits, and pushes at the pace the function keeps. The HTTP functions split the rest
-    evenly, the first ones in ``fleet`` taking what does not divide, since a caller waits on
-    them. With no HTTP function, the event functions split every slot.
+    A relay gets one: the scheduler calls it once a minute. An event function gets
+    ``event_instances`` (no more than an even share): Pub/Sub holds what waits, and pushes at
+    the pace the function keeps. The HTTP functions split the rest evenly, the first ones in
+    ``fleet`` taking what does not divide, since a caller waits on them. With no HTTP
+    function, the event functions split every slot.
     """
     events = [name for name in fleet if topics.get(name)]
-    http = [name for name in fleet if not topics.get(name)]
-    most = {name: min(event_instances, slots // len(fleet)) for name in events} if http else {}
+    http = [name for name in fleet if not topics.get(name) and name not in relays]
+    most = {name: min(1, slots) for name in fleet if name in relays}
+    even = slots // len(fleet)
+    if http:
+        most.update({name: min(event_instances, even) for name in events})
     takers = http or events
-    rest = slots - sum(most.values())
+    rest = max(slots - sum(most.values()), 0)
     for index, name in enumerate(takers):
         most[name] = rest // len(takers) + (1 if index < rest % len(takers) else 0)
     return {name: most[name] for name in fleet}
@@ -353,10 +382,17 @@ class Deployer:
     """One run of deploy.sh: the settings checked, then each step printed and (unless
     ``--dry-run``) run."""
 
-    def __init__(self, settings: Settings, options: Options, topics: Mapping[str, str | None]):
+    def __init__(
+        self,
+        settings: Settings,
+        options: Options,
+        topics: Mapping[str, str | None],
+        relays: Collection[str] = (),
+    ) -> None:
         self.settings = settings
         self.options = options
         self.topics = topics
+        self.relays = relays
         self.chosen = options.chosen or list(settings.fleet)
         self.per_instance = settings.number("CONCURRENCY") + settings.number("DB_MAX_OVERFLOW")
         self.budget = settings.number("DB_MAX_CONNECTIONS") - settings.number(
@@ -364,10 +400,10 @@ class Deployer:
         )
         slots = max(self.budget, 0) // self.per_instance
         self.max_instances = share(
-            settings.fleet, topics, slots, settings.number("EVENT_INSTANCES")
+            settings.fleet, topics, slots, settings.number("EVENT_INSTANCES"), relays
         )
         self.min_instances = {
-            name: 0 if topics.get(name) else settings.number("MIN_INSTANCES")
+            name: 0 if topics.get(name) or name in relays else settings.number("MIN_INSTANCES")
             for name in settings.fleet
         }
         # A password in the deployer's shell must not reach gcloud or the functions by accident.
@@ -398,6 +434,36 @@ class Deployer:
             self.execute(self.delete_command(name, region))
         for name in self.chosen:
             self.execute(self.deploy_command(name))
+            if name in self.relays:
+                self.schedule(name)
+
+    def schedule(self, name: str) -> None:
+        """Let the scheduler's account invoke the relay, and create or update its job: a POST
+        with an OIDC token for the function's URL, every minute (``RELAY_SCHEDULE``)."""
+        s = self.settings
+        where = [f"--project={s.get('PROJECT_ID')}"]
+        account = s.get("SCHEDULER_SERVICE_ACCOUNT")
+        self.execute(
+            ["gcloud", "functions", "add-invoker-policy-binding", name,
+             f"--region={s.get('REGION')}", *where, f"--member=serviceAccount:{account}"]
+        )  # fmt: skip
+        describe = ["gcloud", "functions", "describe", name, f"--region={s.get('REGION')}",
+                    *where, "--format=value(url)"]  # fmt: skip
+        show(describe)
+        url = f"URL_OF_{name}" if self.options.dry_run else self.output_of(describe).strip()
+        job = name.replace("_", "-")
+        jobs = ["gcloud", "scheduler", "jobs", "list", f"--location={s.get('REGION')}", *where,
+                "--format=value(name)"]  # fmt: skip
+        show(jobs)
+        existing = [] if self.options.dry_run else self.output_of(jobs).split()
+        verb = "update" if any(path.rsplit("/", 1)[-1] == job for path in existing) else "create"
+        self.execute(
+            ["gcloud", "scheduler", "jobs", verb, "http", job, f"--location={s.get('REGION')}",
+             *where, f"--schedule={s.get('RELAY_SCHEDULE')}", "--time-zone=Etc/UTC",
+             f"--uri={url}", "--http-method=POST", f"--oidc-service-account-email={account}",
+             f"--oidc-token-audience={url}", "--attempt-deadline=60s",
+             "--max-retry-attempts=2", "--min-backoff=10s", "--max-backoff=20s"]
+        )  # fmt: skip
 
     def show_budget(self) -> None:
         """Print the budget, what each function of the deployment may hold, and the total."""
@@ -576,6 +642,8 @@ class Deployer:
                 "--retry",
                 f"--trigger-service-account={s.get('TRIGGER_SERVICE_ACCOUNT')}",
             ]
+        elif name in self.relays:  # only the scheduler's account may call it
+            command += ["--trigger-http", "--no-allow-unauthenticated"]
         else:
             command += ["--trigger-http", self.options.access]
         command += [
@@ -645,7 +713,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise Refused(*settings.problems)
         if not options.dry_run and shutil.which("gcloud") is None:
             raise Refused("gcloud is not on PATH; install the Google Cloud CLI")
-        Deployer(settings, options, {entry.name: entry.topic for entry in found}).run()
+        topics = {entry.name: entry.topic for entry in found}
+        relays = {entry.name for entry in found if entry.relay}
+        Deployer(settings, options, topics, relays).run()
     except Refused as refused:
         for problem in refused.problems:
             print(f"deploy.sh: {problem}", file=sys.stderr)

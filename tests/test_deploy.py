@@ -41,12 +41,12 @@ from tests.deploying import (
     start_deploy,
 )
 
-DEFAULT = ["api", "transfer_events"]  # what a deploy that names no function deploys
+DEFAULT = ["api", "relay_outbox", "transfer_events"]  # what a deploy naming none deploys
 EVERY = " ".join(entry_points())
-# The budget of 90 connections, 8 to an instance, between the six functions: each event function
-# gets at most an even share (1), the HTTP functions split the other 10 instances.
-SHARES_OF_SIX = {"users": 2, "items": 2, "transfers": 2, "health": 2, "api": 2,
-                 "transfer_events": 1}  # fmt: skip
+# The budget of 90 connections, 8 to an instance, between the seven functions: the relay gets
+# one, each event function at most an even share (1), the HTTP functions split the other 9.
+SHARES_OF_SIX = {"users": 2, "items": 2, "transfers": 2, "health": 2, "api": 1,
+                 "relay_outbox": 1, "transfer_events": 1}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +85,34 @@ def test_every_entry_point_in_functions_is_deployed(full_deploy: Deploy) -> None
 
 @needs_gcloud
 def test_by_default_api_and_the_event_functions_are_deployed(deploy: Deploy) -> None:
-    """No function named, no FUNCTIONS: api and transfer_events, sharing the whole budget;
-    api gets every instance the event function does not need."""
+    """No function named, no FUNCTIONS: api, the relay and transfer_events, sharing the whole
+    budget; api gets every instance the others do not need. The relay is callable by the
+    scheduler's account only, and its job posts to it every minute with an OIDC token."""
     result = deploy()
 
     assert result.returncode == 0, result.stderr[-3000:]
-    assert deploy.writes() == ["create api", "create transfer_events"]
-    assert _limits(deploy) == {"api": 9, "transfer_events": 2}  # 88 of (100 - 10) connections
+    assert deploy.writes() == ["create api", "create relay_outbox", "create transfer_events"]
+    assert _limits(deploy) == {"api": 8, "relay_outbox": 1, "transfer_events": 2}
     assert "  total            88 of 90 connections" in result.stdout
+    [job] = deploy.api.jobs.values()
+    url = deploy.api.functions["relay_outbox"]["url"]
+    assert job["name"].endswith("/jobs/relay-outbox")
+    assert job["schedule"] == "* * * * *"
+    assert job["httpTarget"]["uri"] == url
+    assert job["httpTarget"]["httpMethod"] == "POST"
+    assert job["httpTarget"]["oidcToken"]["audience"] == url
+    assert job["retryConfig"]["retryCount"] == 2
+    [binding] = deploy.api.invokers["relay_outbox"]
+    assert binding["role"] == "roles/run.invoker"
+    assert binding["members"] == [
+        f"serviceAccount:{job['httpTarget']['oidcToken']['serviceAccountEmail']}"
+    ]
+
+    again = deploy()
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "gcloud scheduler jobs update http relay-outbox" in again.stdout
+    assert len(deploy.api.jobs) == 1
 
 
 def test_functions_serving_part_of_api_are_marked_as_such() -> None:
@@ -134,13 +154,16 @@ def test_each_function_is_sent_as_configured(full_deploy: Deploy) -> None:
         assert (volume["mountPath"], volume["secret"]) == ("/etc/secrets", "db-pass")
         assert volume["versions"] == [{"path": "db-pass", "version": "latest"}]
         assert service["maxInstanceCount"] == SHARES_OF_SIX[name]
-        assert service.get("minInstanceCount") == (None if name == "transfer_events" else 1)
+        assert service.get("minInstanceCount") == (
+            None if name in ("transfer_events", "relay_outbox") else 1
+        )
         assert service["maxInstanceRequestConcurrency"] == 8
         assert (service["availableCpu"], service["availableMemory"]) == ("1", "512Mi")
         assert service["timeoutSeconds"] == 60
         assert service["serviceAccountEmail"] == SETTINGS["SERVICE_ACCOUNT"]
         assert service["vpcConnector"].endswith("/connectors/functions-egress")
-    assert full_deploy.api.invokers == {}  # private: nobody was granted run.invoker
+    # Private: only the scheduler's account may invoke the relay, and nobody anything else.
+    assert set(full_deploy.api.invokers) == {"relay_outbox"}
 
 
 @needs_gcloud
@@ -319,7 +342,7 @@ def test_moving_from_six_functions_to_the_default_is_one_command(deploy: Deploy)
     assert "users in europe-west1 (2 instances x 8)" in refused.stderr
     assert "add --prune" in refused.stderr
     assert pruned.returncode == 0, pruned.stderr[-3000:]
-    assert _limits(deploy) == {"api": 9, "transfer_events": 2}
+    assert _limits(deploy) == {"api": 8, "relay_outbox": 1, "transfer_events": 2}
     deleted = [r.path.rsplit("/", 1)[1] for r in deploy.api.received if r.method == "DELETE"]
     assert sorted(deleted) == ["health", "items", "transfers", "users"]
 
@@ -332,7 +355,7 @@ def test_a_resource_function_named_joins_the_deployment(deploy: Deploy) -> None:
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert _limits(deploy) == {"users": 4}
-    assert "  api              --max-instances=5 x 8 = 40 connections" in result.stdout
+    assert "  api              --max-instances=4 x 8 = 32 connections" in result.stdout
     assert "  total            88 of 90 connections" in result.stdout
 
 
@@ -449,8 +472,9 @@ def test_dry_run_prints_every_command_and_sends_nothing(deploy: Deploy) -> None:
     assert "gcloud functions list" in printed[0]
     assert "gcloud secrets versions access latest --secret=db-owner-pass" in printed[1]
     assert printed[2].endswith("-m db upgrade")
-    assert [line.split()[4] for line in printed[3:]] == DEFAULT
-    assert "  api              --max-instances=9 x 8 = 72 connections" in result.stdout
+    assert [line.split()[4] for line in printed[3:] if " deploy " in line] == DEFAULT
+    assert "  api              --max-instances=8 x 8 = 64 connections" in result.stdout
+    assert "  relay_outbox     --max-instances=1 x 8 = 8 connections" in result.stdout
     assert "  transfer_events  --max-instances=2 x 8 = 16 connections" in result.stdout
     assert "  total            88 of 90 connections" in result.stdout
     assert "skipped in a dry run: reading which functions are already deployed" in result.stdout
@@ -477,7 +501,7 @@ def test_dry_run_prints_every_command_and_sends_nothing(deploy: Deploy) -> None:
         ({"ALLOW_CROSS_REGION": "yes"}, "ALLOW_CROSS_REGION must be true or false"),
         ({"RUNTIME": "python310"}, "RUNTIME must be one of python311, python312"),
         ({"MIN_INSTANCES": "-1"}, "MIN_INSTANCES must be a whole number"),
-        ({"MIN_INSTANCES": "10"}, "MIN_INSTANCES=10 is more than the budget gives api (9)"),
+        ({"MIN_INSTANCES": "10"}, "MIN_INSTANCES=10 is more than the budget gives api (8)"),
         ({"EVENT_INSTANCES": "0"}, "EVENT_INSTANCES must be a whole number of at least 1"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL must be"),
         ({"FUNCTIONS": "api nope"}, "FUNCTIONS names 'nope', which is not an entry point"),

@@ -72,7 +72,7 @@ def test_the_embedded_default_needs_no_setting_at_all(tmp_path: Path) -> None:
     )  # fmt: skip
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["True", "False"]
+    assert result.stdout.splitlines()[-1].split() == ["True", "False"]
     assert not (tmp_path / "app.db").exists()
 
 
@@ -82,6 +82,8 @@ NOT_AT_A_COLD_START = (
     "google.cloud.sql.connector",  # only on the connector's path
     "sqlalchemy.dialects.sqlite",  # only for the embedded default
     "yaml",  # only for /openapi.json
+    "urllib3",  # only at the first publish of an event (db/pubsub.py)
+    "google.auth",
 )
 
 
@@ -101,4 +103,4 @@ def test_loading_the_entry_points_on_postgresql_imports_only_what_serving_needs(
     )  # fmt: skip
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "none"
+    assert result.stdout.splitlines()[-1] == "none"

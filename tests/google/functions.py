@@ -3,8 +3,8 @@
 Cloud Functions v2 (get, list, create, patch, delete, generateUploadUrl, operations,
 runtimes), the signed upload URL it hands out, and the look-ups gcloud makes on the side:
 Cloud Build's default service account, the project (for its number), Service Usage (is an API
-enabled), Cloud Run's IAM policy on the function's service, and Secret Manager (``gcloud
-secrets versions access``)."""
+enabled), Cloud Run's IAM policy on the function's service, Secret Manager (``gcloud
+secrets versions access``), and Cloud Scheduler's jobs (list, create, patch)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from typing import Any
 from tests.google.server import Answer, JsonServer, Received, not_found
 
 API_SERVICES = ("cloudfunctions", "cloudbuild", "cloudresourcemanager", "serviceusage", "run",
-                "iam", "secretmanager", "artifactregistry", "storage", "logging")  # fmt: skip
+                "iam", "secretmanager", "artifactregistry", "storage", "logging",
+                "cloudscheduler")  # fmt: skip
 PROJECT_NUMBER = "123456789012"
 _LOCATION = r"/v2/projects/(?P<project>[^/]+)/locations/(?P<region>[^/]+)"
 
@@ -61,6 +62,11 @@ class FunctionsApi(JsonServer):
         self.route("GET", run_service + ":getIamPolicy", self._run_policy)
         self.route("POST", run_service + ":setIamPolicy", self._set_run_policy)
         self.invokers: dict[str, list[dict[str, Any]]] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}
+        jobs = r"/v1/projects/[^/]+/locations/[^/]+/jobs"
+        self.route("GET", jobs, lambda *_: Answer(200, {"jobs": list(self.jobs.values())}))
+        self.route("POST", jobs, self._create_job)
+        self.route("PATCH", jobs + r"/(?P<name>[^/:]+)", self._patch_job)
         self._operations: dict[str, dict[str, Any]] = {}
 
     def configure_gcloud(self, config_dir: Path, token_file: Path) -> dict[str, str]:
@@ -138,6 +144,7 @@ class FunctionsApi(JsonServer):
         service = function.setdefault("serviceConfig", {})
         name = function["name"].rsplit("/", 1)[-1]
         service["uri"] = f"https://{name}-{PROJECT_NUMBER}.{match['region']}.run.app"
+        function["url"] = service["uri"]
         service["service"] = (
             f"projects/{match['project']}/locations/{match['region']}/services/{name}"
         )
@@ -222,6 +229,25 @@ class FunctionsApi(JsonServer):
         policy = request.json()["policy"]
         self.invokers[match["name"]] = policy.get("bindings", [])
         return Answer(200, policy)
+
+    def _create_job(self, request: Received, match: re.Match[str]) -> Answer:
+        job = request.json()
+        name = job["name"].rsplit("/", 1)[-1]
+        if name in self.jobs:
+            return Answer(409, {"error": {"code": 409, "message": "Job already exists",
+                                          "status": "ALREADY_EXISTS"}})  # fmt: skip
+        self.jobs[name] = {**job, "state": "ENABLED"}
+        return Answer(200, self.jobs[name])
+
+    def _patch_job(self, request: Received, match: re.Match[str]) -> Answer:
+        stored = self.jobs.get(match["name"])
+        if stored is None:
+            return not_found(f"Job {match['name']} not found")
+        patch = request.json()
+        for path in request.query.get("updateMask", [""])[0].split(","):
+            if path:
+                self._apply(stored, patch, path.split("."))
+        return Answer(200, stored)
 
     def _secret(self, request: Received, match: re.Match[str]) -> Answer:
         value = self.secrets.get(match["secret"])
