@@ -29,7 +29,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from db.models import OutboxEvent, utcnow
-from db.pubsub import Message, PublishFailed
+from db.pubsub import Message, Publisher, PublishFailed
 
 if TYPE_CHECKING:
     from db.engine import Database
@@ -111,8 +111,7 @@ def publish_committed(database: Database, events: Sequence[Event]) -> None:
     if publisher is None or publisher.paused:
         return
     try:
-        for topic, same in groupby(events, key=lambda event: event.topic):
-            publisher.publish(topic, [event.message for event in same])
+        publish(publisher, events)
     except PublishFailed as error:
         log.warning("%d events wait in the outbox for the relay: %s", len(events), error)
         return
@@ -125,6 +124,12 @@ def publish_committed(database: Database, events: Sequence[Event]) -> None:
         session.rollback()
     finally:
         session.close()
+
+
+def publish(publisher: Publisher, events: Sequence[Event], *, timeout: float | None = None) -> None:
+    """Publish ``events``, one call per run of the same topic; raises ``PublishFailed``."""
+    for topic, same in groupby(events, key=lambda event: event.topic):
+        publisher.publish(topic, [event.message for event in same], timeout=timeout)
 
 
 def waiting(session: Session, limit: int) -> Sequence[OutboxEvent]:

@@ -11,8 +11,6 @@ lost (the transaction rolled back) is published again by the next relay, a dupli
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from itertools import groupby
 
 import flask
 from sqlalchemy.orm import Session
@@ -54,7 +52,7 @@ def _relay(request: flask.Request, database: Database) -> Reply:
     published = 0
     started = time.monotonic()
     while True:
-        count = transaction(database, _batch_publisher(publisher))
+        count = transaction(database, lambda session: _publish_batch(session, publisher))
         published += count
         if count < BATCH or time.monotonic() - started > DEADLINE:
             break
@@ -62,18 +60,14 @@ def _relay(request: flask.Request, database: Database) -> Reply:
     return Reply(200, {"published": published, "purged": purged})
 
 
-def _batch_publisher(publisher: Publisher) -> Callable[[Session], int]:
-    def publish_batch(session: Session) -> int:
-        rows = outbox.waiting(session, BATCH)
-        batch = [outbox.as_event(row) for row in rows]
-        for topic, same in groupby(batch, key=lambda event: event.topic):
-            publisher.publish(topic, [event.message for event in same], timeout=PUBLISH_TIMEOUT)
-        now = utcnow()
-        for row in rows:
-            row.published_at = now
-        return len(rows)
-
-    return publish_batch
+def _publish_batch(session: Session, publisher: Publisher) -> int:
+    """Publish the oldest waiting events this relay can lock, and mark them; how many."""
+    rows = outbox.waiting(session, BATCH)
+    outbox.publish(publisher, [outbox.as_event(row) for row in rows], timeout=PUBLISH_TIMEOUT)
+    now = utcnow()
+    for row in rows:
+        row.published_at = now
+    return len(rows)
 
 
 def _purge(session: Session) -> int:

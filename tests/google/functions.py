@@ -112,10 +112,7 @@ class FunctionsApi(JsonServer):
         stored = self.functions.get(match["name"])
         if stored is None:
             return not_found(f"Function {match['name']} does not exist")
-        patch = request.json()
-        for path in request.query.get("updateMask", [""])[0].split(","):
-            if path:
-                self._apply(stored, patch, [_camel(part) for part in path.split(".")])
+        self._apply_mask(stored, request)
         return self._done(match, self._deployed(stored, match))
 
     def _delete(self, request: Received, match: re.Match[str]) -> Answer:
@@ -123,6 +120,15 @@ class FunctionsApi(JsonServer):
         if function is None:
             return not_found(f"Function {match['name']} does not exist")
         return self._done(match, function)
+
+    @classmethod
+    def _apply_mask(cls, stored: dict[str, Any], request: Received) -> None:
+        """Copy into ``stored`` each field the request's ``updateMask`` names (snake_case or
+        camelCase paths), deleting those the body leaves out."""
+        patch = request.json()
+        for path in request.query.get("updateMask", [""])[0].split(","):
+            if path:
+                cls._apply(stored, patch, [_camel(part) for part in path.split(".")])
 
     @staticmethod
     def _apply(stored: dict[str, Any], patch: dict[str, Any], keys: list[str]) -> None:
@@ -243,10 +249,7 @@ class FunctionsApi(JsonServer):
         stored = self.jobs.get(match["name"])
         if stored is None:
             return not_found(f"Job {match['name']} not found")
-        patch = request.json()
-        for path in request.query.get("updateMask", [""])[0].split(","):
-            if path:
-                self._apply(stored, patch, path.split("."))
+        self._apply_mask(stored, request)
         return Answer(200, stored)
 
     def _secret(self, request: Received, match: re.Match[str]) -> Answer:
