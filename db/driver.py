@@ -25,7 +25,8 @@ connection an engine opens, and on no other connection:
   event's claim, ``web/events.py``) to go out after ``BEGIN`` in the same write as the
   transaction's next statement; ``send_with_next`` one (an outbox row, ``db/outbox.py``) to go
   with the next statement or the ``COMMIT``. Its row count is checked once the answers are
-  read.
+  read. ``send_unwaited`` sends one between transactions, in a transaction of its own, and
+  reads its answer with the connection's next (events marked published after their publish).
 - It reads each answer message in two calls of a buffered file (header, then body): about 26
   calls for a small transaction. Here the messages already in the buffer are parsed in
   place, and the buffer advanced once for all of them; a message larger than the buffer still
@@ -199,7 +200,7 @@ class _Tuned:
         self.begin_pending = False
         self.read_only = False  # for the next transaction
         self.began_read_only = False  # the current transaction's BEGIN said READ ONLY
-        self.unread_commits = 0
+        self.unread_answers = 0
         self.ahead: list[_Ahead] = []
         self.more_parameter_sets: list[Any] = []  # see _Cursor.executemany
         self.row_descriptions: dict[bytes, tuple[Any, Any]] = {}
@@ -228,6 +229,20 @@ class _Tuned:
         if not self.connection._in_transaction:
             self.execute_simple("begin transaction")  # as pg8000 does before a statement
         self.ahead.append(_Ahead(statement, values, check))
+
+    def send_unwaited(self, statement: str, values: tuple[Any, ...]) -> None:
+        """Send ``statement`` (``$1`` placeholders, text parameters) to run in a transaction of
+        its own, without waiting for its answer, which is read before the connection's next
+        one, as a read-only transaction's COMMIT is: for a statement whose outcome nothing
+        waits on (events marked published, which the relay publishes again should the mark be
+        lost). Only between transactions."""
+        if self.connection._in_transaction or self.ahead:
+            raise RuntimeError("send_unwaited goes between transactions")
+        batch = _Batch(self.connection)
+        batch.statement(statement, pg8000.converters.make_params(self.connection.py_types, values))
+        batch.sync()
+        batch.send(self.connection._sock)
+        self.unread_answers += 1
 
     def execute_simple(self, statement: str) -> Any:
         connection = self.connection
@@ -278,15 +293,15 @@ class _Tuned:
             batch = _Batch(self.connection)
             batch.query("commit")
             batch.send(self.connection._sock)
-            self.unread_commits += 1
+            self.unread_answers += 1
             self.connection._transaction_status = pg8000.core.IDLE
             return
-        self._read_commits()
+        self._read_unwaited()
         _core.execute_simple(self.connection, "commit")
 
     def _commit_with_ahead(self) -> None:
         """COMMIT in the same write as the statements still to send; their errors first."""
-        self._read_commits()
+        self._read_unwaited()
         self.began_read_only = False
         batch = _Batch(self.connection)
         earlier = self._open(batch)
@@ -298,7 +313,7 @@ class _Tuned:
         self.began_read_only = False
         if self._forget_begin() or not self.connection._in_transaction:
             return  # as after a COMMIT not waited for: its answer is read with the next one
-        self._read_commits()
+        self._read_unwaited()
         _core.execute_simple(self.connection, "rollback")
 
     def _open(self, batch: _Batch, *, synced: bool = False) -> list[tuple[_Ahead | None, Any]]:
@@ -329,7 +344,7 @@ class _Tuned:
         """Send the pending BEGIN and the statements sent ahead now, and read their answers."""
         if self.ahead and not self.connection._in_transaction:
             self.execute_simple("begin transaction")  # they belong in a transaction
-        self._read_commits()
+        self._read_unwaited()
         batch = _Batch(self.connection)
         earlier = self._open(batch)
         if not earlier:
@@ -379,21 +394,22 @@ class _Tuned:
         if context.error is not None:
             raise context.error
 
-    def _read_commits(self) -> None:
-        """Read the answers of COMMITs sent without waiting, which come before any other."""
-        while self.unread_commits:
-            self.unread_commits -= 1
-            # A read-only transaction kept nothing that its COMMIT could lose: an error
-            # here changes nothing; a dead connection shows in the read itself.
+    def _read_unwaited(self) -> None:
+        """Read the answers of what was sent without waiting (a read-only transaction's COMMIT,
+        ``send_unwaited``), which come before any other."""
+        while self.unread_answers:
+            self.unread_answers -= 1
+            # Nothing sent so depends on its outcome: an error here changes nothing; a dead
+            # connection shows in the read itself.
             with contextlib.suppress(pg8000.core.DatabaseError):
-                self.connection.handle_messages(pg8000.core.Context("commit"))
+                self.connection.handle_messages(pg8000.core.Context("unwaited"))
 
     def _receive(self, earlier: list[tuple[_Ahead | None, Any]], context: Any) -> None:
         """Read earlier COMMITs' answers, then those of ``earlier`` (the BEGIN's, statements
         sent ahead) and the statement's; raise the first error, else let each statement sent
         ahead check its row count."""
         connection = self.connection
-        self._read_commits()
+        self._read_unwaited()
         first_error = None
         for _, sent in earlier:
             try:

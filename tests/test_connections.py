@@ -325,6 +325,41 @@ def test_statement_refused_at_any_protocol_step_leaves_the_connection_in_step(
         assert cursor.fetchall() == ([42],)
 
 
+@pytest.mark.parametrize(
+    ("statement", "applied"),
+    [("UPDATE users SET name = $1 WHERE id = 1", True), ("UPDATE users SET nam = $1", False)],
+)
+def test_a_statement_sent_unwaited_is_one_write_read_with_the_next_answer(
+    pg: Engine, instances: Callable[..., Instance], statement: str, applied: bool
+) -> None:
+    """``send_unwaited`` writes once and waits for nothing; the next statement on the
+    connection reads its answer first, and goes on in step whether it was applied or refused."""
+    instance = instances()
+    instance.client.post("/users", json={"name": "A", "email": "a@x.io"})
+    with pooled_connection(instance) as raw:
+        with counting_round_trips() as counts:
+            raw.tuned.send_unwaited(statement, ("renamed",))
+        assert counts == {"writes": 1, "round_trips": 0}
+        assert raw.tuned.unread_answers == 1
+
+        cursor = raw.cursor()
+        cursor.execute("SELECT name FROM users WHERE id = %s", (1,))
+        assert cursor.fetchall() == (["renamed" if applied else "A"],)
+        assert raw.tuned.unread_answers == 0
+        raw.rollback()
+
+
+def test_a_statement_is_not_sent_unwaited_inside_a_transaction(
+    pg: Engine, instances: Callable[..., Instance]
+) -> None:
+    """Its own transaction is the point: inside another it would share that one's fate."""
+    with pooled_connection(instances()) as raw:
+        raw.cursor().execute("SELECT 1 WHERE 1 = %s", (1,))
+        with pytest.raises(RuntimeError, match="between transactions"):
+            raw.tuned.send_unwaited("SELECT 1", ())
+        raw.rollback()
+
+
 @pytest.fixture
 def watched_pool(
     pg: Engine, instances: Callable[..., Instance], monkeypatch: pytest.MonkeyPatch
