@@ -18,7 +18,13 @@
 # function except those that serve one resource of `web/routes.py` (users, items, transfers,
 # health), whose routes `api` already serves: those are deployed when named, and then join it.
 # The deployment shares one connection budget: each event function gets EVENT_INSTANCES
-# instances, the HTTP functions split the rest, and the dry run prints every share and the total.
+# instances, the outbox's relay (`relay_outbox`) one, the HTTP functions split the rest, and the
+# dry run prints every share and the total. The relay is private: its Cloud Scheduler job
+# (created or updated here) calls it with an OIDC token as SCHEDULER_SERVICE_ACCOUNT.
+#
+# Events are published to Pub/Sub by the functions themselves: create each topic they publish
+# to (`transfer-completed`) and grant SERVICE_ACCOUNT roles/pubsub.publisher on it, once
+# (docs/deploying.md); until then the events wait in the outbox.
 #
 # Settings, from the environment (docs/deploying.md):
 #   PROJECT_ID, REGION                  where to deploy (REGION: the Cloud SQL instance's own)
@@ -42,6 +48,8 @@
 #   RUNTIME=python313                   python311 to python314; the suite runs on 3.11 and 3.13
 #   BUILD_SERVICE_ACCOUNT=(the project's default)   the account Cloud Build builds with (email)
 #   TRIGGER_SERVICE_ACCOUNT=(SERVICE_ACCOUNT)  the account event triggers call the functions as
+#   SCHEDULER_SERVICE_ACCOUNT=(TRIGGER_SERVICE_ACCOUNT)  the account the relay's job calls it as
+#   RELAY_SCHEDULE="* * * * *"          when the relay's job runs (cron, UTC)
 #   DB_MAX_CONNECTIONS=100  DB_RESERVED_CONNECTIONS=10   the connection budget for --max-instances:
 #                                       the instance's max_connections, or a pooler's client limit
 #   EVENT_INSTANCES=2                   the most instances of each event function
