@@ -4,9 +4,9 @@ Seconds on a shared machine move by a third from run to run; instructions repeat
 Each case runs in a child process under callgrind twice: once making ``--requests`` requests
 after a warm-up, once making none after the same warm-up; the difference divided by the count
 is one request's instructions (Python, Flask, functions-framework, SQLAlchemy, pg8000 and the
-service; not PostgreSQL, which runs outside). Requests go through
-``create_app(target, source).test_client()``, as in the tests: the whole entry point without
-gunicorn's socket handling.
+service; not PostgreSQL, which runs outside). Each request is a WSGI environ as gunicorn hands
+it over, given to the app ``create_app(target, source)`` builds: the whole entry point, without
+gunicorn's own parsing of the socket (the same for every function).
 
     .venv/bin/python -m bench.instructions [--requests 300] [--case GET ...] [--untuned]
 
@@ -16,6 +16,7 @@ gunicorn's socket handling.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -38,44 +39,65 @@ ROOT = Path(__file__).resolve().parent.parent
 USERS = 20
 WARM_UP = 50
 
-Call = Callable[[Any, int], int]
+Build = Callable[[int], tuple[str, str, Any]]  # the n-th request: method, path, JSON body
 
 
-def _get_user(client: Any, n: int) -> int:
-    return int(client.get(f"/users/{1 + n % USERS}").status_code)
+def _get_user(n: int) -> tuple[str, str, Any]:
+    return "GET", f"/users/{1 + n % USERS}", None
 
 
-def _post_user(client: Any, n: int) -> int:
-    body = {"name": "Bench", "email": f"i{os.getpid()}-{n}@example.com"}
-    return int(client.post("/users", json=body).status_code)
+def _post_user(n: int) -> tuple[str, str, Any]:
+    return "POST", "/users", {"name": "Bench", "email": f"i{os.getpid()}-{n}@example.com"}
 
 
-def _post_transfer(client: Any, n: int) -> int:
-    payer = 1 + n % USERS
-    body = {"from_user_id": payer, "to_user_id": 1 + (n + 1) % USERS, "amount": 1}
-    return int(client.post("/transfers", json=body).status_code)
+def _post_transfer(n: int) -> tuple[str, str, Any]:
+    body = {"from_user_id": 1 + n % USERS, "to_user_id": 1 + (n + 1) % USERS, "amount": 1}
+    return "POST", "/transfers", body
 
 
-def _hello(client: Any, n: int) -> int:
-    return int(client.get("/").status_code)
+def _hello(n: int) -> tuple[str, str, Any]:
+    return "GET", "/", None
 
 
-CASES: dict[str, tuple[str, Path, Call, int]] = {  # name: target, source, request, status
-    "GET /users/{id}": ("api", ROOT / "main.py", _get_user, 200),
-    "POST /users": ("api", ROOT / "main.py", _post_user, 201),
-    "POST /transfers": ("api", ROOT / "main.py", _post_transfer, 201),
-    "hello world": ("hello", ROOT / "bench" / "hello.py", _hello, 200),
+CASES: dict[str, tuple[str, Path, Build, str]] = {  # name: target, source, request, status
+    "GET /users/{id}": ("api", ROOT / "main.py", _get_user, "200 OK"),
+    "POST /users": ("api", ROOT / "main.py", _post_user, "201 CREATED"),
+    "POST /transfers": ("api", ROOT / "main.py", _post_transfer, "201 CREATED"),
+    "hello world": ("hello", ROOT / "bench" / "hello.py", _hello, "200 OK"),
 }
+
+
+def _environ(method: str, path: str, body: Any) -> dict[str, Any]:
+    """A WSGI environ as gunicorn hands it over, for a keep-alive HTTP/1.1 request."""
+    data = b"" if body is None else json.dumps(body).encode()
+    environ = {
+        "REQUEST_METHOD": method, "PATH_INFO": path, "RAW_URI": path, "QUERY_STRING": "",
+        "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8080", "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1", "HTTP_HOST": "127.0.0.1:8080", "HTTP_USER_AGENT": "bench",
+        "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(data), "wsgi.errors": sys.stderr,
+        "wsgi.version": (1, 0), "wsgi.multithread": True, "wsgi.multiprocess": False,
+        "wsgi.run_once": False, "wsgi.input_terminated": True,
+    }  # fmt: skip
+    if body is not None:
+        environ["CONTENT_TYPE"] = "application/json"
+        environ["CONTENT_LENGTH"] = str(len(data))
+    return environ
 
 
 def child(case: str, requests: int) -> None:
     """Warm up, then make ``requests`` requests of ``case`` (run under callgrind)."""
-    target, source, call, status = CASES[case]
-    client = create_app(target, str(source)).test_client()  # type: ignore[no-untyped-call]
-    for n in range(WARM_UP):
-        assert call(client, n) == status, case
-    for n in range(WARM_UP, WARM_UP + requests):
-        assert call(client, n) == status, case
+    target, source, build, status = CASES[case]
+    app = create_app(target, str(source))  # type: ignore[no-untyped-call]
+    answered: list[str] = []
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
+        answered.append(status)
+
+    for n in range(WARM_UP + requests):
+        answered.clear()
+        for _ in app(_environ(*build(n)), start_response):
+            pass
+        assert answered == [status], (case, answered)
 
 
 def _instructions(
