@@ -159,6 +159,11 @@ def configure_logging() -> None:
         chosen = log_format()
     except ConfigError:
         chosen = "json" if os.environ.get("K_SERVICE") else "text"
+    # Neither format shows where a record was made, nor its thread or process: Python's logging
+    # HOWTO ("Optimization") says how to skip gathering them (about a seventh of a line's cost).
+    logging._srcfile = None  # the HOWTO's own way to skip sys._getframe()
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False  # type: ignore[attr-defined,unused-ignore]  # 3.12+
     handler = _StandardOutput()
     handler.setFormatter(_FORMATTERS[chosen]())
     handler.addFilter(DeadConnectionNoise())
