@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import or_, select
+from sqlalchemy import bindparam, or_, select
 from sqlalchemy.orm import Session
 
 from db import outbox
@@ -15,6 +15,15 @@ from web import representations
 # Every committed transfer is published here, its data what GET /transfers/{id} answers.
 COMPLETED_TOPIC = "transfer-completed"
 COMPLETED_TYPE = "transfer.completed"
+
+# Built once, as service/users.py's: their cache keys are computed once, not on every call.
+_LOCK_BOTH = (
+    select(User)
+    .where(User.id.in_([bindparam("from_user_id"), bindparam("to_user_id")]))
+    .order_by(User.id)
+    .with_for_update()
+)
+_TRANSFER_BY_ID = select(Transfer).where(Transfer.id == bindparam("transfer_id"))
 
 
 def create_transfer(
@@ -27,12 +36,8 @@ def create_transfer(
     Raises ``NotFound``, ``InsufficientFunds``, or ``Conflict`` when the
     receiver's balance would pass 2^63-1. Emits a ``transfer.completed`` event.
     """
-    locked = session.scalars(
-        select(User)
-        .where(User.id.in_((from_user_id, to_user_id)))
-        .order_by(User.id)
-        .with_for_update()
-    ).all()
+    both = {"from_user_id": from_user_id, "to_user_id": to_user_id}
+    locked = session.scalars(_LOCK_BOTH, both).all()
     by_id = {user.id: user for user in locked}
     for user_id in (from_user_id, to_user_id):
         if user_id not in by_id:
@@ -63,7 +68,7 @@ def create_transfer(
 
 def get_transfer(session: Session, transfer_id: int) -> Transfer:
     """The transfer with this id; raise ``NotFound`` when there is none."""
-    transfer = session.get(Transfer, transfer_id)
+    transfer = session.execute(_TRANSFER_BY_ID, {"transfer_id": transfer_id}).scalar_one_or_none()
     if transfer is None:
         raise NotFound(f"transfer {transfer_id} not found")
     return transfer
