@@ -29,11 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from functions_framework import create_app
-from sqlalchemy import create_engine
-from sqlalchemy.pool import NullPool
-
-from db.migrate import upgrade
-from dev.postgres import PostgresServer, add_users
 
 ROOT = Path(__file__).resolve().parent.parent
 USERS = 20
@@ -130,6 +125,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child(args.child[0], int(args.child[1]))
         return
+    # The parent's alone: the children under callgrind import only what a request needs.
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    from db.migrate import upgrade
+    from dev.postgres import PostgresServer, add_users
+
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         parser.error("valgrind is not installed: apt-get install valgrind")

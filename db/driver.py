@@ -405,9 +405,9 @@ class _Tuned:
                 self.connection.handle_messages(pg8000.core.Context("unwaited"))
 
     def _receive(self, earlier: list[tuple[_Ahead | None, Any]], context: Any) -> None:
-        """Read earlier COMMITs' answers, then those of ``earlier`` (the BEGIN's, statements
-        sent ahead) and the statement's; raise the first error, else let each statement sent
-        ahead check its row count."""
+        """Read the answers of what was sent without waiting, then those of ``earlier`` (the
+        BEGIN's, statements sent ahead) and the statement's; raise the first error, else let
+        each statement sent ahead check its row count."""
         connection = self.connection
         self._read_unwaited()
         first_error = None

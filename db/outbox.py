@@ -8,9 +8,9 @@ that commits cannot lose its events, whatever happens to the instance next.
 After the commit, before the answer (Cloud Run may throttle the CPU once the answer is sent),
 ``db/session.py`` hands the transaction's events to ``publish_committed``: one call to Pub/Sub,
 bounded by ``PUBLISH_TIMEOUT``, then the rows are marked published (on a tuned connection
-without waiting for the server's answer). When Pub/Sub is away, or
-none is configured, the events stay waiting and the request goes on; the ``relay_outbox``
-function (``web/relay.py``, called every minute by Cloud Scheduler) publishes whatever waits.
+without waiting for the server's answer). When Pub/Sub is away, or none is configured, the
+events stay waiting and the request goes on; the ``relay_outbox`` function (``web/relay.py``,
+called every minute by Cloud Scheduler) publishes whatever waits.
 An event may be published twice (a relay and a request at the same moment, a mark that was
 lost), never lost: consumers tell its publishes apart by its ``event_id`` attribute.
 """
