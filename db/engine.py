@@ -136,7 +136,9 @@ class Database:
         event.listen(engine, "checkin", _note_idle_since)
         event.listen(engine, "checkout", _check_if_idle_long)
         log.info("engine built", extra={"database": engine.url.render_as_string()})
-        self._sessionmaker = orm.sessionmaker(bind=engine)
+        # The session closes right after its COMMIT (db/session.py): expiring every object it
+        # loaded, to reload them on next access, would be work for nothing.
+        self._sessionmaker = orm.sessionmaker(bind=engine, expire_on_commit=False)
         if not settings.is_embedded:  # SQLite has no read-only transactions
             event.listen(self._sessionmaker, "after_begin", _begin_read_only)
         self._engine = engine
