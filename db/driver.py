@@ -128,6 +128,26 @@ def _buffered(sock: Any) -> bytes:
     return buffered
 
 
+def _message(code: bytes, data: bytes) -> bytes:
+    return code + _LENGTH.pack(len(data) + 4) + data
+
+
+def _parse(sql: str, oids: tuple[int, ...], encoding: str) -> bytes:
+    """The Parse message of an unnamed statement."""
+    data = bytearray(_NUL + sql.encode(encoding) + _NUL)
+    data += _COUNT.pack(len(oids))
+    for oid in oids:
+        data += _LENGTH.pack(0 if oid == -1 else oid)
+    return _message(b"P", bytes(data))
+
+
+# SQLAlchemy sends the same few statements over and over: their Parse messages are kept, but
+# not those of long texts (a multi-row INSERT), whose encoding is a small part of their cost.
+_kept_parse = functools.lru_cache(maxsize=256)(_parse)
+_PARSE_KEPT_UP_TO = 2048  # characters
+_DESCRIBE_STATEMENT = _message(b"D", b"S" + _NUL)
+
+
 class _Batch:
     """Protocol messages for one write, without the Flush that pg8000 puts after each: the
     server then answers the whole batch in one go, at its Sync, rather than message by
@@ -149,13 +169,12 @@ class _Batch:
     ) -> None:
         """Parse, (Describe,) Bind and Execute an unnamed statement; its answers go to the
         context of the Sync that follows."""
-        parse = bytearray(_NUL + sql.encode(self.encoding) + _NUL)
-        parse += _COUNT.pack(len(oids))
-        for oid in oids:
-            parse += _LENGTH.pack(0 if oid == -1 else oid)
-        self._add(b"P", bytes(parse))
+        if len(sql) <= _PARSE_KEPT_UP_TO:
+            self.parts.append(_kept_parse(sql, tuple(oids), self.encoding))
+        else:
+            self.parts.append(_parse(sql, tuple(oids), self.encoding))
         if describe:
-            self._add(b"D", b"S" + _NUL)
+            self.parts.append(_DESCRIBE_STATEMENT)
         self.execute_again(params)
 
     def execute_again(self, params: Any) -> None:
@@ -174,6 +193,14 @@ class _Batch:
 
     def sync(self) -> None:
         self.parts.append(pg8000.core.SYNC_MSG)
+
+    @classmethod
+    def encoded(cls, connection: Any, statements: tuple[str, ...]) -> bytes:
+        """The messages of ``statements`` (no parameters, no Sync), as one piece."""
+        batch = cls(connection)
+        for statement in statements:
+            batch.statement(statement)
+        return b"".join(batch.parts)
 
     def send(self, sock: Any) -> None:
         pg8000.core._write(sock, b"".join(self.parts))
@@ -196,7 +223,11 @@ class _Tuned:
             raise ValueError("the statements that open a transaction start with BEGIN")
         self.connection = connection
         self.begin = begin
-        self.begin_read_only = ("BEGIN READ ONLY", *begin[1:])
+        # The same few messages open every transaction: encoded once, for either kind.
+        self.opening = {
+            read_only: _Batch.encoded(connection, statements)
+            for read_only, statements in ((False, begin), (True, ("BEGIN READ ONLY", *begin[1:])))
+        }
         self.begin_pending = False
         self.read_only = False  # for the next transaction
         self.began_read_only = False  # the current transaction's BEGIN said READ ONLY
@@ -327,8 +358,7 @@ class _Tuned:
         if self.begin_pending:
             self.begin_pending = False
             self.began_read_only, self.read_only = self.read_only, False
-            for statement in self.begin_read_only if self.began_read_only else self.begin:
-                batch.statement(statement)
+            batch.parts.append(self.opening[self.began_read_only])
             if not self.ahead and not synced:
                 batch.sync()
                 earlier.append((None, pg8000.core.Context(self.begin[0])))
