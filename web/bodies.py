@@ -145,7 +145,7 @@ def release(request: flask.Request, response: flask.Response) -> None:
 def _has_body(request: flask.Request) -> bool:
     return (
         bool(request.content_length)
-        or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+        or "chunked" in request.environ.get("HTTP_TRANSFER_ENCODING", "").lower()
     )
 
 

@@ -120,7 +120,13 @@ def event_scope(
         def entry_point(event: CloudEvent) -> None:
             identity = events.Identity(str(event["source"]), str(event["id"]), str(event["type"]))
             request_id = identity.id if _LOG_ID.fullmatch(identity.id) else uuid.uuid4().hex
-            token = current_request.set(request_context(request_id, _headers()))
+            headers = _headers()
+            context = request_context(
+                request_id,
+                cloud_trace=headers.get("X-Cloud-Trace-Context"),
+                traceparent=headers.get("traceparent"),
+            )
+            token = current_request.set(context)
             try:
                 _deliver(database, function, topic, identity, event)
             finally:

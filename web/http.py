@@ -21,7 +21,6 @@ from typing import Any
 
 import flask
 from sqlalchemy.orm import Session
-from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import BaseConverter, Map, Rule, ValidationError
 
@@ -193,7 +192,11 @@ def respond(
     """Answer with the reply ``handle`` returns, or the error body of what it raises; one log
     line with the request id, which every line written meanwhile carries too."""
     started = time.perf_counter()
-    context = request_context(_request_id(request), request.headers)
+    context = request_context(
+        _request_id(request),
+        cloud_trace=header(request, "X-Cloud-Trace-Context"),
+        traceparent=header(request, "traceparent"),
+    )
     token = current_request.set(context)
     bodies.bound(request, database.settings.body_timeout)
     try:
@@ -220,7 +223,7 @@ def respond(
                     "requestUrl": request.path,
                     "status": reply.status,
                     "latency": f"{latency:.6f}s",
-                    "userAgent": request.headers.get("User-Agent", ""),
+                    "userAgent": header(request, "User-Agent") or "",
                 },
             },
         )
@@ -263,9 +266,9 @@ def _keyed(request: flask.Request, body: Callable[[], Any]) -> tuple[str, str] |
     in its place) and the fingerprint of what it asks, or None."""
     if request.method != "POST":
         return None
-    key = request.headers.get("Idempotency-Key")
+    key = header(request, "Idempotency-Key")
     if key is None:
-        key = delivery_key(request.headers)
+        key = delivery_key(functools.partial(header, request))
         if key is None:
             return None
     elif not _IDEMPOTENCY_KEY.fullmatch(key):
@@ -281,15 +284,16 @@ _DELIVERY_HEADERS = (
 )
 
 
-def delivery_key(headers: Mapping[str, str] | Headers) -> str | None:
-    """The idempotency key a Cloud Tasks task or a Cloud Scheduler run stands for, or None.
+def delivery_key(header: Callable[[str], str | None]) -> str | None:
+    """The idempotency key a Cloud Tasks task or a Cloud Scheduler run stands for, or None;
+    ``header`` gives a request header's value by name, or None.
 
     ``cloudtasks:QUEUE/TASK`` or ``cloudscheduler:JOB@SCHEDULE_TIME``, as any caller could
     send it in ``Idempotency-Key``; one too long or not visible ASCII is replaced by its
     SHA-256 (``cloudtasks:sha256:HEX``).
     """
     for service, first, second in _DELIVERY_HEADERS:
-        names = headers.get(first), headers.get(second)
+        names = header(first), header(second)
         if not names[0] or not names[1]:
             continue
         joined = f"{names[0]}{'/' if service == 'cloudtasks' else '@'}{names[1]}"
@@ -399,5 +403,13 @@ def new_request_id() -> str:
 
 
 def _request_id(request: flask.Request) -> str:
-    given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.fullmatch(given) else new_request_id()
+    given = header(request, "X-Request-Id")
+    return given if given and _REQUEST_ID.fullmatch(given) else new_request_id()
+
+
+def header(request: flask.Request, name: str) -> str | None:
+    """A request header (not ``Content-Type`` or ``Content-Length``), or None: what
+    ``request.headers.get`` returns, read from the WSGI environ directly (Werkzeug's lookup
+    raises and catches a ``KeyError`` for each header a request lacks)."""
+    value: str | None = request.environ.get("HTTP_" + name.upper().replace("-", "_"))
+    return value

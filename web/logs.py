@@ -14,13 +14,10 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-
-from werkzeug.datastructures import Headers
 
 from db.config import ConfigError, log_format, log_level
 
@@ -44,14 +41,17 @@ def project_id() -> str | None:
     return os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("GCP_PROJECT") or None
 
 
-def request_context(request_id: str, headers: Mapping[str, str] | Headers) -> RequestContext:
-    """A request's log context: its id, and its trace (X-Cloud-Trace-Context or traceparent)."""
+def request_context(
+    request_id: str, *, cloud_trace: str | None = None, traceparent: str | None = None
+) -> RequestContext:
+    """A request's log context: its id, and its trace, from the values of its
+    ``X-Cloud-Trace-Context`` or ``traceparent`` header."""
     project = project_id()
     trace_id = span_id = None
     sampled = False
-    if match := _CLOUD_TRACE.match(headers.get("X-Cloud-Trace-Context", "").strip()):
+    if cloud_trace and (match := _CLOUD_TRACE.match(cloud_trace.strip())):
         trace_id, span_id, sampled = match[1].lower(), match[2], match[3] == "1"
-    elif match := _TRACEPARENT.match(headers.get("traceparent", "").strip()):
+    elif traceparent and (match := _TRACEPARENT.match(traceparent.strip())):
         trace_id, span_id, sampled = match[1], match[2], int(match[3], 16) & 1 == 1
     if trace_id is None or project is None or trace_id == "0" * 32:
         return RequestContext(request_id)
@@ -68,14 +68,22 @@ _STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, 
 }
 
 
+# Built once: ``json.dumps`` with arguments builds a new encoder for every line.
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
+
+
 class JsonFormatter(logging.Formatter):
     """Formats a record as one Cloud Logging JSON line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second: tuple[int, str] = (0, "")  # a second, and its text: lines come in bursts
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "severity": record.levelname,
             "message": record.getMessage(),
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "time": self._time(record.created),
             "logger": record.name,
         }
         context = current_request.get()
@@ -86,12 +94,22 @@ class JsonFormatter(logging.Formatter):
                 entry["logging.googleapis.com/trace_sampled"] = context.sampled
                 if context.span_id:
                     entry["logging.googleapis.com/spanId"] = context.span_id
-        for key, value in vars(record).items():
-            if key not in _STANDARD_ATTRIBUTES and not key.startswith("_"):
-                entry[key] = value
+        attributes = vars(record)
+        for key in sorted(attributes.keys() - _STANDARD_ATTRIBUTES):
+            if not key.startswith("_"):
+                entry[key] = attributes[key]
         if record.exc_info:
             entry["stack_trace"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return _ENCODER.encode(entry)
+
+    def _time(self, created: float) -> str:
+        """``created`` in RFC 3339, UTC, to the microsecond."""
+        whole, micros = divmod(round(created * 1_000_000), 1_000_000)
+        second, text = self._second
+        if second != whole:
+            text = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = (whole, text)
+        return f"{text}.{micros:06d}+00:00"
 
 
 class DeadConnectionNoise(logging.Filter):
