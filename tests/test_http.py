@@ -11,6 +11,8 @@ from sqlalchemy import Engine, text
 
 from dev.postgres import PASSWORD
 from tests.conftest import PROBE, Instance
+from web.errors import HttpError
+from web.http import Endpoint, Router, route
 
 LEAKS = ("Traceback", "sqlalchemy", "pg8000", "SELECT", "INSERT", "Error", "postgresql", PASSWORD)
 
@@ -173,6 +175,45 @@ def test_wrong_method_is_405_with_allow(
 def test_unknown_path_is_404(client: FlaskClient, path: str) -> None:
     """Paths the api target does not serve, its root included, are a JSON 404."""
     assert_error(client.get(path), 404, "not_found")
+
+
+def _view(_session: object, _call: object) -> None:
+    return None
+
+
+def _other_view(_session: object, _call: object) -> None:
+    return None
+
+
+def test_router_takes_ids_and_text_segments_and_serves_a_mount_at_its_root() -> None:
+    """``<id:name>`` gives an int, ``<name>`` the segment's text; a mount is also served
+    without its prefix; slashes around a path do not matter."""
+    read, tagged = Endpoint(_view), Endpoint(_other_view)
+    router = Router(
+        [route("/notes/<id:id>", GET=read), route("/notes/<id:id>/tags/<tag>", PUT=tagged)],
+        mount="/notes",
+    )
+
+    assert router.match("/notes/42", "GET") == (read, {"id": 42})
+    assert router.match("/42/", "HEAD") == (read, {"id": 42})
+    assert router.match("//notes/7/tags/red", "PUT") == (tagged, {"id": 7, "tag": "red"})
+
+
+@pytest.mark.parametrize(
+    "path", ["/notes/0", "/notes/9223372036854775808", "/notes/-1", "/notes/1.5", "/notes/x"]
+)
+def test_router_answers_404_for_what_is_not_an_id(path: str) -> None:
+    """An id is 1 to 2^63-1 in ASCII digits: anything else matches no rule, whatever the method."""
+    router = Router([route("/notes/<id:id>", GET=Endpoint(_view))])
+    with pytest.raises(HttpError) as refused:
+        router.match(path, "DELETE")
+    assert refused.value.status == 404
+
+
+def test_router_refuses_a_parameter_kind_it_does_not_know() -> None:
+    """A rule with ``<int:id>`` fails when the router is built, naming the rule."""
+    with pytest.raises(ValueError, match="/notes/<int:id>"):
+        Router([route("/notes/<int:id>", GET=Endpoint(_view))])
 
 
 def test_head_is_answered_like_get_without_a_body(client: FlaskClient) -> None:

@@ -2,8 +2,8 @@
 
 Checks run in the contract's order: path (404), method (405), content type (415),
 body size (413), JSON syntax and the Idempotency-Key header (400), field rules (422),
-then the database. Paths are matched by Werkzeug's router; ``<id:name>`` in a rule
-takes an id (ASCII digits, 1 to 2^63-1), and anything else there is a 404.
+then the database. ``<id:name>`` in a rule takes an id (ASCII digits, 1 to 2^63-1), and
+anything else there is a 404 (``Router``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from typing import Any
 
 import flask
 from sqlalchemy.orm import Session
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
-from werkzeug.routing import BaseConverter, Map, Rule, ValidationError
+from werkzeug.exceptions import HTTPException
 
 from db.engine import Database
 from db.session import transaction
@@ -74,7 +73,7 @@ class Document:
 
 @dataclass(frozen=True)
 class Route:
-    """A Werkzeug rule (``/users/<id:id>``) and what each method does there."""
+    """A path (``/users/<id:id>``) and what each method does there."""
 
     path: str
     methods: Mapping[str, Endpoint | Document]
@@ -85,57 +84,84 @@ def route(path: str, **methods: Endpoint | Document) -> Route:
     return Route(path, methods)
 
 
-class _IdConverter(BaseConverter):
-    """``<id:name>``: an id, or no match at all (so a 404, whatever the method or body)."""
-
-    regex = r"[0-9]{1,30}"
-
-    def to_python(self, value: str) -> int:
-        number = path_id(value)
-        if number is None:
-            raise ValidationError
-        return number
-
-
 class Router:
     """The routes one entry point serves.
 
     With ``mount="/users"``, routes under ``/users`` are also served without that
     prefix, so a function deployed on its own answers at its root.
+
+    A path matches a rule whatever slashes it starts or ends with. ``<id:name>`` takes an id
+    (ASCII digits, 1 to 2^63-1): anything else there matches no rule, so a 404 whatever the
+    method. ``<name>`` takes one path segment as text. A path that matches a rule, but not with
+    its method, is a 405 naming the methods it has (``HEAD`` wherever ``GET`` is).
     """
 
     def __init__(self, routes: Iterable[Route], *, mount: str | None = None) -> None:
         self.routes = {entry.path: entry for entry in routes}
-        rules = []
+        self._exact: dict[str, Route] = {}
+        self._patterns: list[tuple[_Pattern, Route]] = []
         for entry in self.routes.values():
             paths = [entry.path]
             if mount and (entry.path == mount or entry.path.startswith(mount + "/")):
                 paths.append(entry.path.removeprefix(mount) or "/")
-            methods = list(entry.methods)
-            rules += [Rule(path, endpoint=entry.path, methods=methods) for path in paths]
-        self._map = Map(
-            rules,
-            converters={"id": _IdConverter},
-            strict_slashes=False,
-            merge_slashes=False,
-            redirect_defaults=False,
-        )
-        # Matching reads the adapter and never changes it: one serves every request.
-        self._adapter = self._map.bind("localhost")
+            for path in paths:
+                if _PARAMETER.search(path):
+                    self._patterns.append((_Pattern(path), entry))
+                else:
+                    self._exact.setdefault("/" + path.strip("/"), entry)
 
     def match(self, path: str, method: str) -> tuple[Endpoint | Document, Mapping[str, Any]]:
         """The endpoint and path parameters for a request; raises ``HttpError`` 404 or 405."""
-        try:
-            key, params = self._adapter.match("/" + path.strip("/"), method)
-        except NotFound:
-            raise errors.not_found() from None
-        except MethodNotAllowed as refused:
-            allowed = sorted(set(refused.valid_methods or ()) - {"HEAD"})
-            raise errors.method_not_allowed(
-                [*allowed, "HEAD"] if "GET" in allowed else allowed
-            ) from None
-        methods = self.routes[key].methods
-        return methods["GET" if method == "HEAD" else method], params
+        path = "/" + path.strip("/")
+        params: Mapping[str, Any] | None = {}
+        found = self._exact.get(path)
+        if found is None:
+            for pattern, entry in self._patterns:
+                if (params := pattern.match(path)) is not None:
+                    found = entry
+                    break
+            else:
+                raise errors.not_found()
+        methods = found.methods
+        endpoint = methods.get("GET" if method == "HEAD" else method)
+        if endpoint is None:
+            allowed = sorted(methods)
+            raise errors.method_not_allowed([*allowed, "HEAD"] if "GET" in allowed else allowed)
+        return endpoint, params or {}
+
+
+# A parameter of a rule: ``<id:name>`` (an id) or ``<name>`` (one path segment, as text).
+_PARAMETER = re.compile(r"<(?:(\w+):)?(\w+)>")
+_SEGMENT = {"id": "([0-9]{1,30})", None: "([^/]+)"}
+
+
+class _Pattern:
+    """A rule's path with parameters, as a regular expression."""
+
+    def __init__(self, path: str) -> None:
+        pattern, done = "", 0
+        self.parameters: list[tuple[str | None, str]] = []  # (kind, name)
+        for parameter in _PARAMETER.finditer(path):
+            kind, name = parameter.groups()
+            if kind not in _SEGMENT:
+                raise ValueError(f"{path}: a parameter is <id:{name}> or <{name}>, not <{kind}:…>")
+            pattern += re.escape(path[done : parameter.start()]) + _SEGMENT[kind]
+            self.parameters.append((kind, name))
+            done = parameter.end()
+        self.regex = re.compile("/" + (pattern + re.escape(path[done:])).strip("/"))
+
+    def match(self, path: str) -> dict[str, Any] | None:
+        """The parameters of ``path`` (ids as ``int``), or None when it does not match."""
+        matched = self.regex.fullmatch(path)
+        if matched is None:
+            return None
+        params: dict[str, Any] = {}
+        for (kind, name), text in zip(self.parameters, matched.groups(), strict=True):
+            value = path_id(text) if kind == "id" else text
+            if value is None:
+                return None
+            params[name] = value
+        return params
 
 
 def serve(request: flask.Request, database: Database, router: Router) -> flask.Response:
