@@ -9,6 +9,7 @@ it over, given to the app ``create_app(target, source)`` builds: the whole entry
 gunicorn's own parsing of the socket (the same for every function).
 
     .venv/bin/python -m bench.instructions [--requests 300] [--case GET ...] [--untuned]
+    .venv/bin/python -m bench.instructions --cold-start    # a new process to its first answer
 
 ``--profile DIR`` keeps each case's callgrind file there, for ``callgrind_annotate``.
 """
@@ -79,8 +80,31 @@ def _environ(method: str, path: str, body: Any) -> dict[str, Any]:
     return environ
 
 
+# A cold start: a new process builds the app and answers its first request, and nothing else.
+# The whole process is counted, the interpreter's own start included (the same for each).
+COLD_STARTS: dict[str, tuple[str, Path, Build]] = {  # name: target, source, request
+    "service": ("api", ROOT / "main.py", _get_user),
+    "google_sample": ("google_sample", ROOT / "bench" / "sample.py", _get_user),
+    "hello world": ("hello", ROOT / "bench" / "hello.py", _hello),
+}
+_COLD = "cold start of "
+
+
+def cold_child(name: str) -> None:
+    """Build the app of ``name`` and answer its first request (run under callgrind)."""
+    target, source, build = COLD_STARTS[name]
+    app = create_app(target, str(source))  # type: ignore[no-untyped-call]
+    answered: list[str] = []
+    for _ in app(_environ(*build(0)), lambda status, *_: answered.append(status)):
+        pass
+    assert answered == ["200 OK"], (name, answered)
+
+
 def child(case: str, requests: int) -> None:
     """Warm up, then make ``requests`` requests of ``case`` (run under callgrind)."""
+    if case.startswith(_COLD):
+        cold_child(case.removeprefix(_COLD))
+        return
     target, source, build, status = CASES[case]
     app = create_app(target, str(source))  # type: ignore[no-untyped-call]
     answered: list[str] = []
@@ -120,6 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--case", action="append", choices=list(CASES))
     parser.add_argument("--untuned", action="store_true", help="DB_DRIVER_TUNING=false")
     parser.add_argument("--profile", type=Path, help="keep the callgrind files here")
+    parser.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="count the whole process of a cold start instead: build the app, answer once",
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -129,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
+    from bench.coldstart import compile_bytecode
     from db.migrate import upgrade
     from dev.postgres import PostgresServer, add_users
 
@@ -154,6 +184,19 @@ def main(argv: list[str] | None = None) -> None:
         if args.profile is not None:
             args.profile.mkdir(parents=True, exist_ok=True)
         report: dict[str, Any] = {}
+        if args.cold_start:
+            compile_bytecode()  # as the buildpack does: an instance does not compile at start
+            for name in COLD_STARTS:
+                total = _instructions(valgrind, _COLD + name, 1, env, args.profile)
+                report[_COLD + name] = {"instructions_M": round(total / 1e6, 1)}
+                print(name, report[_COLD + name], file=sys.stderr, flush=True)
+            report["service / google_sample"] = round(
+                report[_COLD + "service"]["instructions_M"]
+                / report[_COLD + "google_sample"]["instructions_M"],
+                3,
+            )
+            print(json.dumps(report, indent=2))
+            return
         for case in args.case or list(CASES):
             counted = _instructions(valgrind, case, args.requests, env, args.profile)
             baseline = _instructions(valgrind, case, 0, env, None)

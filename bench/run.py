@@ -468,6 +468,9 @@ def cold_start(env: dict[str, str], connector_env: dict[str, str], user_id: int)
         "service": Case("api", ROOT / "main.py", read, env),
         "google_sample": Case("google_sample", BENCH / "sample.py", read, env),
         "hello": Case("hello", BENCH / "hello.py", "/", {}),
+        # An instance of 1 vCPU without and with Cloud Run's startup CPU boost (2 vCPUs).
+        "service, 1 CPU": Case("api", ROOT / "main.py", read, env, cpus="0"),
+        "service, 2 CPUs": Case("api", ROOT / "main.py", read, env, cpus="0,1"),
         "service, connector": Case("api", ROOT / "main.py", read, connector_env),
         "google_sample, connector": Case("google_sample", BENCH / "sample.py", read, connector_env),
     }
@@ -477,6 +480,7 @@ def cold_start(env: dict[str, str], connector_env: dict[str, str], user_id: int)
     report["service / google_sample, connector"] = (
         median["service, connector"] / median["google_sample, connector"]
     )
+    report["service, 2 CPUs / 1 CPU"] = median["service, 2 CPUs"] / median["service, 1 CPU"]
     report["imports_ms"] = {
         module: coldstart.import_profile(module, env)
         for module in ("main", "bench.sample", "google.cloud.sql.connector")
