@@ -44,6 +44,30 @@ def log_lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
 
 
+@pytest.mark.parametrize(
+    ("created", "expected"),
+    [
+        (1796686082.7412221, "2026-12-07T23:28:02.741222+00:00"),
+        (1796686082.9999996, "2026-12-07T23:28:03.000000+00:00"),
+        (1796686083.0, "2026-12-07T23:28:03.000000+00:00"),
+        (1796686083.0000004, "2026-12-07T23:28:03.000000+00:00"),
+        (1796686082.25, "2026-12-07T23:28:02.250000+00:00"),
+    ],
+)
+def test_json_lines_carry_their_time_in_utc_to_the_microsecond(
+    created: float, expected: str
+) -> None:
+    """The time is RFC 3339 in UTC with microseconds, rounded as ``datetime`` rounds them, from
+    one line to the next whatever second each falls in."""
+    formatter = JsonFormatter()
+    for moment in (created - 1.5, created):  # the second before is formatted first
+        record = logging.LogRecord("app", logging.INFO, "", 0, "hello", None, None)
+        record.created = moment
+        line = json.loads(formatter.format(record))
+
+    assert line["time"] == expected
+
+
 @pytest.mark.usefixtures("project")
 @pytest.mark.parametrize(
     ("header", "value", "span", "sampled"),
