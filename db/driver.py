@@ -158,7 +158,7 @@ class _Batch:
         self.parts: list[bytes] = []
 
     def _add(self, code: bytes, data: bytes) -> None:
-        self.parts += (code, _LENGTH.pack(len(data) + 4), data)
+        self.parts.append(_message(code, data))
 
     def query(self, sql: str) -> None:
         """A simple-protocol Query: it ends with its own ReadyForQuery."""

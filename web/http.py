@@ -112,22 +112,22 @@ class Router:
 
     def match(self, path: str, method: str) -> tuple[Endpoint | Document, Mapping[str, Any]]:
         """The endpoint and path parameters for a request; raises ``HttpError`` 404 or 405."""
-        path = "/" + path.strip("/")
-        params: Mapping[str, Any] | None = {}
-        found = self._exact.get(path)
-        if found is None:
-            for pattern, entry in self._patterns:
-                if (params := pattern.match(path)) is not None:
-                    found = entry
-                    break
-            else:
-                raise errors.not_found()
-        methods = found.methods
-        endpoint = methods.get("GET" if method == "HEAD" else method)
+        found, params = self._find("/" + path.strip("/"))
+        endpoint = found.methods.get("GET" if method == "HEAD" else method)
         if endpoint is None:
-            allowed = sorted(methods)
+            allowed = sorted(found.methods)
             raise errors.method_not_allowed([*allowed, "HEAD"] if "GET" in allowed else allowed)
-        return endpoint, params or {}
+        return endpoint, params
+
+    def _find(self, path: str) -> tuple[Route, Mapping[str, Any]]:
+        exact = self._exact.get(path)
+        if exact is not None:
+            return exact, {}
+        for pattern, entry in self._patterns:
+            params = pattern.match(path)
+            if params is not None:
+                return entry, params
+        raise errors.not_found()
 
 
 # A parameter of a rule: ``<id:name>`` (an id) or ``<name>`` (one path segment, as text).
