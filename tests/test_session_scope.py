@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import Engine, event, inspect, text
 from sqlalchemy.orm import Session
 
+from db.models import User
 from db.session import transaction
 from tests.conftest import PROBE, Instance
 
@@ -184,6 +185,18 @@ def test_every_path_returns_its_connection_and_closes_its_session(
     # A committed but unclosed session would still hold its rows as persistent.
     for row in probe.module.held:
         assert inspect(row).detached or inspect(row).transient
+
+
+def test_rows_keep_what_they_held_at_commit(probe: Instance) -> None:
+    """A row a committed transaction returns is detached with its values loaded: nothing was
+    expired at COMMIT, so reading it after the session closed needs no query."""
+    user_id = _create_user(probe, "kept@example.com")
+
+    user = transaction(probe.database, lambda session: session.get_one(User, user_id))
+
+    assert inspect(user).detached
+    assert inspect(user).expired_attributes == set()
+    assert (user.id, user.email) == (user_id, "kept@example.com")
 
 
 def test_base_exception_rolls_back_and_returns_the_connection(probe: Instance, pg: Engine) -> None:
