@@ -53,6 +53,20 @@ def test_transfer_moves_the_amount_and_returns_201(api: Instance, pg: Engine) ->
     assert api.client.get(f"/transfers/{response.json['id']}").json == response.json
 
 
+def test_transfer_marks_both_users_updated_at_its_own_time(api: Instance) -> None:
+    """Both users' ``updated_at`` become the transfer's ``created_at``; their ``created_at``
+    stays."""
+    ada, bob = make_user(api, "a@x.io", 100), make_user(api, "b@x.io")
+    before = {user: api.client.get(f"/users/{user}").json for user in (ada, bob)}
+
+    made = api.client.post("/transfers", json={"from_user_id": ada, "to_user_id": bob, "amount": 1})
+
+    for user in (ada, bob):
+        after = api.client.get(f"/users/{user}").json
+        assert after["updated_at"] == made.json["created_at"] > before[user]["updated_at"]
+        assert after["created_at"] == before[user]["created_at"]
+
+
 def test_transfer_of_the_whole_balance_leaves_zero(api: Instance, pg: Engine) -> None:
     """A sender may spend its balance down to exactly 0."""
     ada, bob = make_user(api, "a@x.io", 10), make_user(api, "b@x.io")
