@@ -3,32 +3,56 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
+from typing import NamedTuple, cast
 
-from sqlalchemy import bindparam, or_, select
+from sqlalchemy import Table, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from db import outbox
-from db.models import MAX_BIGINT, Transfer, User, utcnow
+from db.models import MAX_BIGINT, Transfer, utcnow
 from service.errors import Conflict, InsufficientFunds, NotFound
+from service.users import USERS
 from web import representations
 
 # Every committed transfer is published here, its data what GET /transfers/{id} answers.
 COMPLETED_TOPIC = "transfer-completed"
 COMPLETED_TYPE = "transfer.completed"
 
-# Built once, as service/users.py's: their cache keys are computed once, not on every call.
-_LOCK_BOTH = (
-    select(User)
-    .where(User.id.in_([bindparam("from_user_id"), bindparam("to_user_id")]))
-    .order_by(User.id)
+TRANSFERS = cast(Table, Transfer.__table__)
+
+
+class TransferRecord(NamedTuple):
+    """A transfer as stored: what making or reading one returns, free of any session."""
+
+    id: int
+    from_user_id: int
+    to_user_id: int
+    amount: int
+    created_at: datetime
+
+
+# Statements over the tables, as service/users.py explains, built once. A balance changes by
+# an amount in SQL: the row is locked, and the statement says exactly what the transfer does.
+_COLUMNS = [TRANSFERS.c[field] for field in TransferRecord._fields]
+_LOCK_BALANCES = (
+    select(USERS.c.id, USERS.c.balance)
+    .where(USERS.c.id.in_([bindparam("from_user_id"), bindparam("to_user_id")]))
+    .order_by(USERS.c.id)
     .with_for_update()
 )
-_TRANSFER_BY_ID = select(Transfer).where(Transfer.id == bindparam("transfer_id"))
+_ADD_TO_BALANCE = (
+    update(USERS)
+    .where(USERS.c.id == bindparam("user_id"))
+    .values(balance=USERS.c.balance + bindparam("amount"), updated_at=bindparam("now"))
+)
+_INSERT_TRANSFER = insert(TRANSFERS).returning(*_COLUMNS)
+_TRANSFER_BY_ID = select(*_COLUMNS).where(TRANSFERS.c.id == bindparam("transfer_id"))
 
 
 def create_transfer(
     session: Session, *, from_user_id: int, to_user_id: int, amount: int
-) -> Transfer:
+) -> TransferRecord:
     """Move ``amount`` from one user to another.
 
     Both rows are locked FOR UPDATE in id order, so concurrent transfers queue
@@ -37,26 +61,26 @@ def create_transfer(
     receiver's balance would pass 2^63-1. Emits a ``transfer.completed`` event.
     """
     both = {"from_user_id": from_user_id, "to_user_id": to_user_id}
-    locked = session.scalars(_LOCK_BOTH, both).all()
-    by_id = {user.id: user for user in locked}
+    balances: dict[int, int] = dict(session.execute(_LOCK_BALANCES, both).all())
     for user_id in (from_user_id, to_user_id):
-        if user_id not in by_id:
+        if user_id not in balances:
             raise NotFound(f"user {user_id} not found")
-    sender, receiver = by_id[from_user_id], by_id[to_user_id]
-    if sender.balance < amount:
+    if balances[from_user_id] < amount:
         raise InsufficientFunds(f"user {from_user_id} has a balance below {amount}")
-    if receiver.balance > MAX_BIGINT - amount:
+    if balances[to_user_id] > MAX_BIGINT - amount:
         raise Conflict(f"the balance of user {to_user_id} would pass the maximum")
 
     now = utcnow()
-    sender.balance -= amount
-    receiver.balance += amount
-    sender.updated_at = receiver.updated_at = now
-    transfer = Transfer(
-        from_user_id=from_user_id, to_user_id=to_user_id, amount=amount, created_at=now
+    session.execute(
+        _ADD_TO_BALANCE,
+        [
+            {"user_id": from_user_id, "amount": -amount, "now": now},
+            {"user_id": to_user_id, "amount": amount, "now": now},
+        ],
     )
-    session.add(transfer)
-    session.flush()
+    transfer = TransferRecord._make(
+        session.execute(_INSERT_TRANSFER, {**both, "amount": amount, "created_at": now}).one()
+    )
     outbox.emit(
         session,
         COMPLETED_TOPIC,
@@ -66,12 +90,12 @@ def create_transfer(
     return transfer
 
 
-def get_transfer(session: Session, transfer_id: int) -> Transfer:
+def get_transfer(session: Session, transfer_id: int) -> TransferRecord:
     """The transfer with this id; raise ``NotFound`` when there is none."""
-    transfer = session.execute(_TRANSFER_BY_ID, {"transfer_id": transfer_id}).scalar_one_or_none()
-    if transfer is None:
+    row = session.execute(_TRANSFER_BY_ID, {"transfer_id": transfer_id}).one_or_none()
+    if row is None:
         raise NotFound(f"transfer {transfer_id} not found")
-    return transfer
+    return TransferRecord._make(row)
 
 
 def list_transfers(

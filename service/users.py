@@ -3,36 +3,53 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
+from typing import NamedTuple, cast
 
-from sqlalchemy import bindparam, delete, select
+from sqlalchemy import Table, bindparam, delete, insert, select
 from sqlalchemy.orm import Session
 
 from db.errors import violation_of
 from db.models import User, utcnow
 from service.errors import Conflict, NotFound
 
-# Built once: SQLAlchemy finds a statement's compiled form by a key it computes from the
-# statement object, once per object. ``session.get`` builds a new statement on every call, and
-# computing its key is a tenth of a whole GET's instructions (bench/README.md).
-_USER_BY_ID = select(User).where(User.id == bindparam("user_id"))
+USERS = cast(Table, User.__table__)
 
 
-def create_user(session: Session, *, name: str, email: str, balance: int = 0) -> User:
+class UserRecord(NamedTuple):
+    """A user as stored: what creating or reading one returns, free of any session."""
+
+    id: int
+    name: str
+    email: str
+    balance: int
+    created_at: datetime
+    updated_at: datetime
+
+
+# Reading a user to show it and adding one are each a single statement that says it all, so
+# they are statements over the table rather than through the ORM's identity map and unit of
+# work, which cost a tenth of a GET's instructions and a quarter of a POST's (docs/design.md).
+# Built once, so that SQLAlchemy computes their cache keys once.
+_COLUMNS = [USERS.c[field] for field in UserRecord._fields]
+_USER_BY_ID = select(*_COLUMNS).where(USERS.c.id == bindparam("user_id"))
+_INSERT_USER = insert(USERS).returning(*_COLUMNS)
+
+
+def create_user(session: Session, *, name: str, email: str, balance: int = 0) -> UserRecord:
     """Add a user; raise ``Conflict`` when the email is taken."""
     now = utcnow()
-    user = User(name=name, email=email, balance=balance, created_at=now, updated_at=now)
-    session.add(user)
+    new = {"name": name, "email": email, "balance": balance, "created_at": now, "updated_at": now}
     with violation_of("uq_users_email", raises=_email_taken()):
-        session.flush()
-    return user
+        return UserRecord._make(session.execute(_INSERT_USER, new).one())
 
 
-def get_user(session: Session, user_id: int) -> User:
+def get_user(session: Session, user_id: int) -> UserRecord:
     """The user with this id; raise ``NotFound`` when there is none."""
-    user = session.execute(_USER_BY_ID, {"user_id": user_id}).scalar_one_or_none()
-    if user is None:
-        raise NotFound(f"user {user_id} not found")
-    return user
+    row = session.execute(_USER_BY_ID, {"user_id": user_id}).one_or_none()
+    if row is None:
+        raise _not_found(user_id)
+    return UserRecord._make(row)
 
 
 def list_users(
@@ -49,7 +66,9 @@ def update_user(
     session: Session, user_id: int, *, name: str | None = None, email: str | None = None
 ) -> User:
     """Change a user's name or email; raise ``NotFound`` or ``Conflict``."""
-    user = get_user(session, user_id)
+    user = session.get(User, user_id)
+    if user is None:
+        raise _not_found(user_id)
     if name is not None:
         user.name = name
     if email is not None:
@@ -67,7 +86,11 @@ def delete_user(session: Session, user_id: int) -> None:
     ):
         result = session.execute(delete(User).where(User.id == user_id))
     if result.rowcount == 0:  # type: ignore[attr-defined]
-        raise NotFound(f"user {user_id} not found")
+        raise _not_found(user_id)
+
+
+def _not_found(user_id: int) -> NotFound:
+    return NotFound(f"user {user_id} not found")
 
 
 def _email_taken() -> Conflict:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from db.models import Item, Transfer, User
 from service.items import CreatedItem
+
+if TYPE_CHECKING:  # service/transfers.py shows its events with this module
+    from service.transfers import TransferRecord
+    from service.users import UserRecord
 
 M = TypeVar("M")
 
@@ -19,7 +23,7 @@ def timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
-def user(row: User) -> dict[str, Any]:
+def user(row: User | UserRecord) -> dict[str, Any]:
     """A user as the contract shows it."""
     return {
         "id": row.id,
@@ -50,7 +54,7 @@ def item(row: Item | CreatedItem) -> dict[str, Any]:
     }
 
 
-def transfer(row: Transfer) -> dict[str, Any]:
+def transfer(row: Transfer | TransferRecord) -> dict[str, Any]:
     """A transfer as the contract shows it."""
     return {
         "id": row.id,
