@@ -143,10 +143,13 @@ def release(request: flask.Request, response: flask.Response) -> None:
 
 
 def _has_body(request: flask.Request) -> bool:
-    return (
-        bool(request.content_length)
-        or "chunked" in request.environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-    )
+    # From the environ: Werkzeug's ``content_length`` raises and catches a KeyError for each of
+    # the two headers a request without a body lacks, on every request.
+    environ = request.environ
+    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return True
+    length: str = environ.get("CONTENT_LENGTH", "").strip()
+    return length.isascii() and length.isdigit() and int(length) > 0
 
 
 class _Watch:
