@@ -83,6 +83,7 @@ class Settings:
     password_file: str | None = None  # DB_PASS_FILE: read at every new connection
     body_timeout: float = 10.0  # BODY_TIMEOUT: seconds a request's body may take to arrive
     pubsub: PubSubSettings | None = None  # None: events wait in the outbox
+    trace_project: str | None = None  # the project of the traces log lines name
 
     def password(self) -> str | None:
         """The password for a new connection: ``DB_PASS_FILE``'s content as it is now, or
@@ -130,6 +131,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         password_file=password_file,
         body_timeout=env.seconds("BODY_TIMEOUT", default=10.0),
         pubsub=_pubsub_settings(env),
+        trace_project=env.get("GOOGLE_CLOUD_PROJECT") or env.get("GCP_PROJECT"),
     )
 
 

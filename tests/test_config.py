@@ -55,6 +55,23 @@ def test_postgresql_urls_use_pg8000(scheme: str) -> None:
     assert url.database == "app"
 
 
+@pytest.mark.parametrize(
+    ("environ", "project"),
+    [
+        ({"GOOGLE_CLOUD_PROJECT": "acme-prod", "GCP_PROJECT": "older"}, "acme-prod"),
+        ({"GCP_PROJECT": "older"}, "older"),
+        ({"GOOGLE_CLOUD_PROJECT": " "}, None),
+        ({}, None),
+    ],
+)
+def test_log_lines_name_traces_in_the_runtimes_project(
+    environ: dict[str, str], project: str | None
+) -> None:
+    """The project of the traces log lines name is read once: GOOGLE_CLOUD_PROJECT, else the
+    older runtimes' GCP_PROJECT, else none (and then no line names a trace)."""
+    assert load_settings(environ).trace_project == project
+
+
 def test_connector_settings_are_read() -> None:
     """INSTANCE_CONNECTION_NAME selects the connector with its credentials and IP type."""
     settings = load_settings({**CONNECTOR, "DB_IP_TYPE": "private"})

@@ -123,6 +123,7 @@ def event_scope(
             headers = _headers()
             context = request_context(
                 request_id,
+                project=database.settings.trace_project,
                 cloud_trace=headers.get("X-Cloud-Trace-Context"),
                 traceparent=headers.get("traceparent"),
             )

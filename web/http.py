@@ -26,7 +26,7 @@ from werkzeug.exceptions import HTTPException
 from db.engine import Database
 from db.session import transaction
 from service import idempotency
-from web import bodies, errors
+from web import bodies, errors, jsontext
 from web.errors import Reply
 from web.logs import current_request, request_context
 from web.schemas import path_id
@@ -220,6 +220,7 @@ def respond(
     started = time.perf_counter()
     context = request_context(
         _request_id(request),
+        project=database.settings.trace_project,
         cloud_trace=header(request, "X-Cloud-Trace-Context"),
         traceparent=header(request, "traceparent"),
     )
@@ -266,7 +267,7 @@ def encode(reply: Reply, request_id: str) -> flask.Response:
         response = flask.Response(status=reply.status)
         response.headers.remove("Content-Type")
     else:
-        body = json.dumps(reply.body, ensure_ascii=False, separators=(",", ":"))
+        body = jsontext.compact(reply.body)
         response = flask.Response(body, status=reply.status, content_type="application/json")
     response.headers.update(reply.headers)
     response.headers["X-Request-Id"] = request_id

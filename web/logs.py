@@ -9,7 +9,6 @@ taken from a context variable set once per request.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -20,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from db.config import ConfigError, log_format, log_level
+from web import jsontext
 
 
 @dataclass(frozen=True)
@@ -36,17 +36,15 @@ _CLOUD_TRACE = re.compile(r"^([0-9a-fA-F]{32})(?:/([0-9]{1,20}))?(?:;o=([01]))?$
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 
-def project_id() -> str | None:
-    """The Google Cloud project, as the runtime or deploy.sh sets it in the environment."""
-    return os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("GCP_PROJECT") or None
-
-
 def request_context(
-    request_id: str, *, cloud_trace: str | None = None, traceparent: str | None = None
+    request_id: str,
+    *,
+    project: str | None,
+    cloud_trace: str | None = None,
+    traceparent: str | None = None,
 ) -> RequestContext:
-    """A request's log context: its id, and its trace, from the values of its
+    """A request's log context: its id, and its trace in ``project``, from the values of its
     ``X-Cloud-Trace-Context`` or ``traceparent`` header."""
-    project = project_id()
     trace_id = span_id = None
     sampled = False
     if cloud_trace and (match := _CLOUD_TRACE.match(cloud_trace.strip())):
@@ -66,10 +64,6 @@ _STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, 
     "asctime",
     "taskName",
 }
-
-
-# Built once: ``json.dumps`` with arguments builds a new encoder for every line.
-_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
 
 
 class JsonFormatter(logging.Formatter):
@@ -100,7 +94,7 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = attributes[key]
         if record.exc_info:
             entry["stack_trace"] = self.formatException(record.exc_info)
-        return _ENCODER.encode(entry)
+        return jsontext.loose(entry)
 
     def _time(self, created: float) -> str:
         """``created`` in RFC 3339, UTC, to the microsecond."""
