@@ -61,7 +61,8 @@ def create_transfer(
     receiver's balance would pass 2^63-1. Emits a ``transfer.completed`` event.
     """
     both = {"from_user_id": from_user_id, "to_user_id": to_user_id}
-    balances: dict[int, int] = dict(session.execute(_LOCK_BALANCES, both).all())
+    connection = session.connection()
+    balances: dict[int, int] = dict(connection.execute(_LOCK_BALANCES, both).all())
     for user_id in (from_user_id, to_user_id):
         if user_id not in balances:
             raise NotFound(f"user {user_id} not found")
@@ -71,7 +72,7 @@ def create_transfer(
         raise Conflict(f"the balance of user {to_user_id} would pass the maximum")
 
     now = utcnow()
-    session.execute(
+    connection.execute(
         _ADD_TO_BALANCE,
         [
             {"user_id": from_user_id, "amount": -amount, "now": now},
@@ -79,7 +80,7 @@ def create_transfer(
         ],
     )
     transfer = TransferRecord._make(
-        session.execute(_INSERT_TRANSFER, {**both, "amount": amount, "created_at": now}).one()
+        connection.execute(_INSERT_TRANSFER, {**both, "amount": amount, "created_at": now}).one()
     )
     outbox.emit(
         session,
@@ -92,7 +93,7 @@ def create_transfer(
 
 def get_transfer(session: Session, transfer_id: int) -> TransferRecord:
     """The transfer with this id; raise ``NotFound`` when there is none."""
-    row = session.execute(_TRANSFER_BY_ID, {"transfer_id": transfer_id}).one_or_none()
+    row = session.connection().execute(_TRANSFER_BY_ID, {"transfer_id": transfer_id}).one_or_none()
     if row is None:
         raise NotFound(f"transfer {transfer_id} not found")
     return TransferRecord._make(row)

@@ -24,7 +24,6 @@ import functools
 import logging
 import re
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,7 +118,7 @@ def event_scope(
         @functools.wraps(function)
         def entry_point(event: CloudEvent) -> None:
             identity = events.Identity(str(event["source"]), str(event["id"]), str(event["type"]))
-            request_id = identity.id if _LOG_ID.fullmatch(identity.id) else uuid.uuid4().hex
+            request_id = identity.id if _LOG_ID.fullmatch(identity.id) else http.new_request_id()
             headers = _headers()
             context = request_context(
                 request_id,
