@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -74,5 +75,6 @@ def test_sigterm_stops_the_server_and_closes_its_connections(
             process.kill()
 
     assert process.returncode == 0, output
-    assert '"message": "database disposed"' in output
+    messages = [json.loads(line)["message"] for line in output.splitlines() if line.startswith("{")]
+    assert "database disposed" in messages
     assert _connections(pg, "shutdown-check") == 0
