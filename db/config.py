@@ -83,7 +83,7 @@ class Settings:
     password_file: str | None = None  # DB_PASS_FILE: read at every new connection
     body_timeout: float = 10.0  # BODY_TIMEOUT: seconds a request's body may take to arrive
     pubsub: PubSubSettings | None = None  # None: events wait in the outbox
-    trace_project: str | None = None  # the project of the traces log lines name
+    trace_project: str | None = None  # the project the trace names in log lines are in
 
     def password(self) -> str | None:
         """The password for a new connection: ``DB_PASS_FILE``'s content as it is now, or

@@ -29,7 +29,7 @@ class UserRecord(NamedTuple):
 
 # Reading a user to show it and adding one are each a single statement that says it all, so
 # they are statements over the table, run on the session's connection in its transaction,
-# rather than through the ORM's identity map and unit of work, which cost a seventh of a GET's
+# rather than through the ORM's identity map and unit of work, which cost an eighth of a GET's
 # instructions and a quarter of a POST's (docs/design.md). Built once, so that SQLAlchemy
 # computes their cache keys once.
 _COLUMNS = [USERS.c[field] for field in UserRecord._fields]
